@@ -1,0 +1,78 @@
+"""The one command-line parser and entry point shared by every recipe."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from .constraints import ConstraintError
+from .data import DataError
+from .layers import NORMS
+from .callbacks import DivergedError
+from .train import Recipe, RunConfig, RunError, build_model, describe, run
+
+__all__ = ['parser', 'config_from_args', 'main']
+
+
+def _positive(kind):
+    def parse(s: str):
+        v = kind(s)
+        if v <= 0: raise argparse.ArgumentTypeError(f'must be positive, got {s}')
+        return v
+    return parse
+
+
+def _lr(s: str) -> float | str:
+    return s if s == 'find' else _positive(float)(s)
+
+
+def parser(recipe: Recipe, extra_norms: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """Argument parser for `recipe`; defaults shown are the recipe's own."""
+    d = {**{f.name: f.default for f in fields(RunConfig)}, **recipe.defaults}
+    p = argparse.ArgumentParser(description=f'Train the {recipe.name} recipe on CIFAR-10 and write a run folder.',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--norm', choices=[*NORMS, *extra_norms], default=d['norm'], help='normalization layer')
+    p.add_argument('--data', default=None, help='CIFAR-10 folder (train/, test/) or .tgz of one; default $CIFAR10_DIR, '
+                                               "else fastai's untar_data(URLs.CIFAR)")
+    p.add_argument('--epochs', type=_positive(int), default=d['epochs'])
+    p.add_argument('--bs', type=_positive(int), default=d['bs'], help='batch size')
+    p.add_argument('--lr', type=_lr, default=d['lr'], help="max learning rate of the one cycle, or 'find'")
+    p.add_argument('--wd', type=float, default=d['wd'], help='weight decay (decoupled)')
+    p.add_argument('--dropout', type=float, default=d['dropout'])
+    p.add_argument('--label-smoothing', type=float, default=d['label_smoothing'])
+    p.add_argument('--seed', type=int, default=d['seed'])
+    p.add_argument('--workers', type=int, default=d['workers'], help='DataLoader workers (default: min(4, CPUs))')
+    p.add_argument('--device', default=d['device'], help='auto, cpu or cuda')
+    p.add_argument('--subset', type=_positive(int), default=None, help='use N training images per class (quick looks)')
+    p.add_argument('--out', default=None, help='run folder (default runs/<recipe>_<norm>)')
+    p.add_argument('--resume', action='store_true', help="continue the run in --out from its last checkpoint")
+    p.add_argument('--overwrite', action='store_true', help='replace an existing run folder')
+    p.add_argument('--outside-assignment', action='store_true',
+                   help="skip the assignment's constraint checks (the run's metrics say so)")
+    p.add_argument('--dry-run', action='store_true', help='build and check the model, print its summary, load no data')
+    return p
+
+
+def config_from_args(recipe: Recipe, args: argparse.Namespace, **overrides) -> RunConfig:
+    """A `RunConfig` from parsed arguments."""
+    kw = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    return RunConfig(**{**kw, 'recipe': recipe.name, **overrides})
+
+
+def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
+    """Parse `argv`, check the model and train it; errors become one line on stderr and exit status 2."""
+    args = parser(recipe).parse_args(argv)
+    cfg = config_from_args(recipe, args)
+    try:
+        model = build_model(recipe, cfg)
+        if args.dry_run:
+            print(model, '\n', describe(recipe, model), 'constraints: ok', sep='')
+            return None
+        return run(recipe, cfg)
+    except (ConstraintError, DataError, RunError, DivergedError) as e:
+        print(f'error: {str(e).strip().splitlines()[-1].strip()}', file=sys.stderr)  # fastai prefixes callback errors
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f'\ninterrupted: finished epochs are checkpointed; continue with --resume --out {cfg.out or "runs/<recipe>_<norm>"}',
+              file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,45 @@
+"""An assignment's hard constraints, checked against a model spec before any training."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .models import SpecNet, count_params, parse_spec
+from .receptive_field import total_rf
+
+__all__ = ['Constraints', 'ConstraintError']
+
+
+class ConstraintError(ValueError):
+    """A model or setting breaks its assignment's rules."""
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Limits a recipe must respect; `None` means unconstrained."""
+    max_params: int | None = None
+    min_rf: int | None = None  # RF must be strictly greater than this
+    max_epochs: int | None = None
+    skeleton: str | None = None  # layer names in order, e.g. 'C1 C2 c3 P1 ... GAP C10'
+    need_dilated: bool = False
+    need_separable: bool = False
+    need_gap: bool = True
+
+    def check(self, model: SpecNet, epochs: int | None = None) -> None:
+        """Raise `ConstraintError` with one clear sentence on the first rule `model` (or `epochs`) breaks."""
+        layers, n = parse_spec(model.spec), count_params(model)
+        names = ' '.join(l.name for l in layers)
+        if self.skeleton and names != self.skeleton:
+            raise ConstraintError(f"the model's layers are '{names}', but the assignment's skeleton is '{self.skeleton}'")
+        if self.max_params is not None and n >= self.max_params:
+            raise ConstraintError(f"the model has {n:,} parameters; the assignment allows fewer than {self.max_params:,}: narrow some layers")
+        if self.min_rf is not None and (rf := total_rf(model.spec)) <= self.min_rf:
+            raise ConstraintError(f"the receptive field is {rf}; the assignment needs more than {self.min_rf}: add or dilate convs")
+        if self.need_dilated and not any(l.dilation > 1 for l in layers):
+            raise ConstraintError("the assignment needs at least one dilated conv (e.g. C3:64/d2)")
+        if self.need_separable and not any(l.separable for l in layers):
+            raise ConstraintError("the assignment needs at least one depthwise-separable conv (e.g. C4:64/dw)")
+        if self.need_gap and not any(l.kind == 'gap' for l in layers):
+            raise ConstraintError("the assignment needs global average pooling (GAP) before the classifier")
+        if self.max_epochs is not None and epochs is not None and epochs > self.max_epochs:
+            raise ConstraintError(f"--epochs {epochs} is above the assignment's cap of {self.max_epochs}: "
+                                  "lower it, or pass --ignore-constraints to run outside the assignment")

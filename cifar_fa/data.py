@@ -1,0 +1,140 @@
+"""Locating CIFAR-10 (folder, archive or fastai download) and the DataBlock that feeds every recipe."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # albumentations otherwise calls the network on import
+
+import albumentations as A
+import numpy as np
+from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.core import DataLoaders
+from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label
+from fastai.vision.augment import Normalize
+from fastai.vision.core import PILImage
+from fastai.vision.data import ImageBlock
+from fasttransform import DisplayedTransform
+
+__all__ = ['DataError', 'CIFAR_STATS', 'CIFAR_MEAN_RGB', 'cifar10_path', 'extract_archive', 'check_layout',
+           'AlbumentationsTransform', 'cifar_block', 'cifar_dls', 'cache_dir']
+
+CIFAR_STATS = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])  # per-channel mean, std of the training split
+CIFAR_MEAN_RGB = tuple(round(255 * m) for m in CIFAR_STATS[0])  # fill colour for cutout holes
+
+
+class DataError(ValueError):
+    """The data source given cannot be used; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Folder where archives are extracted: `$CIFAR_FA_CACHE`, else `~/.cache/cifar_fa`."""
+    return Path(os.environ.get('CIFAR_FA_CACHE', Path.home() / '.cache' / 'cifar_fa')).expanduser()
+
+
+def _archive_key(archive: Path) -> str:
+    st = archive.stat()
+    return hashlib.sha1(f'{archive.resolve()}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:12]
+
+
+def extract_archive(archive: Path, dest: Path | None = None) -> Path:
+    """Extract `archive` once into the cache (atomically: a half-finished extraction is never reused) and return it."""
+    dest = Path(dest or cache_dir()) / f'{archive.name.split(".")[0]}-{_archive_key(archive)}'
+    if dest.is_dir(): return dest
+    tmp = dest.with_name(dest.name + '.partial')
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with tarfile.open(archive) as tf:
+            for m in tf.getmembers():
+                target = (tmp / m.name).resolve()
+                if not target.is_relative_to(tmp.resolve()) or m.issym() or m.islnk():
+                    raise DataError(f"{archive}: entry {m.name!r} would land outside the extraction folder; refusing this archive")
+            tf.extractall(tmp, filter='data')
+    except (tarfile.TarError, EOFError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{archive} is not a readable .tgz/.tar.gz archive ({e}); check the file or pass the extracted folder") from None
+    except DataError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(dest)
+    return dest
+
+
+def _find_root(path: Path) -> Path:
+    if (path / 'train').is_dir() and (path / 'test').is_dir(): return path
+    subs = [d for d in path.iterdir() if d.is_dir()] if path.is_dir() else []
+    if len(subs) == 1 and (subs[0] / 'train').is_dir(): return _find_root(subs[0])
+    raise DataError(f"{path} has no train/ and test/ folders of class folders; pass the CIFAR-10 folder (or a .tgz of it)")
+
+
+def check_layout(root: Path) -> list[str]:
+    """Check `root` holds train/ and test/ with the same non-empty class folders; return the class names."""
+    splits = {s: sorted(d.name for d in (root / s).iterdir() if d.is_dir()) for s in ('train', 'test')}
+    if not splits['train']: raise DataError(f"{root / 'train'} holds no class folders")
+    if splits['train'] != splits['test']:
+        raise DataError(f"class folders differ between {root / 'train'} ({', '.join(splits['train'])}) "
+                        f"and {root / 'test'} ({', '.join(splits['test'])}); both need the same classes")
+    for s in ('train', 'test'):
+        for c in splits[s]:
+            if not get_image_files(root / s / c): raise DataError(f"{root / s / c} holds no images; add some or remove the folder")
+    return splits['train']
+
+
+def cifar10_path(data: str | Path | None = None) -> Path:
+    """Locate CIFAR-10: `data` (folder or .tgz), else `$CIFAR10_DIR`, else fastai's `untar_data(URLs.CIFAR)`."""
+    src = data or os.environ.get('CIFAR10_DIR')
+    if not src:
+        from fastai.data.external import URLs, untar_data
+        return untar_data(URLs.CIFAR)
+    path = Path(src).expanduser()
+    if not path.exists(): raise DataError(f"{path} does not exist; pass --data with a CIFAR-10 folder or .tgz (or set CIFAR10_DIR)")
+    if path.is_file(): path = extract_archive(path)
+    root = _find_root(path)
+    check_layout(root)
+    return root
+
+
+class AlbumentationsTransform(DisplayedTransform):
+    """Apply an albumentations pipeline to training images only (`split_idx = 0`)."""
+    split_idx, order = 0, 2
+
+    def __init__(self, aug: A.BasicTransform | Sequence[A.BasicTransform]):
+        super().__init__()
+        self.aug = aug if isinstance(aug, A.BaseCompose) else A.Compose(list(aug))
+
+    def encodes(self, img: PILImage) -> PILImage:
+        return PILImage.create(self.aug(image=np.asarray(img))['image'])
+
+
+def _subset_items(n_per_class: int | None):
+    def get_items(path: Path) -> list[Path]:
+        files = get_image_files(path, folders=['train', 'test'])
+        if n_per_class is None: return files
+        keep, seen = [], {}
+        for f in sorted(files):
+            key = (f.parent.parent.name, f.parent.name)
+            if key[0] == 'test' or seen.get(key, 0) < n_per_class:
+                keep.append(f)
+                seen[key] = seen.get(key, 0) + 1
+        return keep
+    return get_items
+
+
+def cifar_block(augs: Sequence[A.BasicTransform] = (), n_per_class: int | None = None) -> DataBlock:
+    """DataBlock for CIFAR-style folders: train/ vs test/ split, parent-folder labels, `augs` on train only."""
+    return DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=_subset_items(n_per_class),
+                     splitter=GrandparentSplitter(train_name='train', valid_name='test'), get_y=parent_label,
+                     item_tfms=AlbumentationsTransform(augs) if augs else None,
+                     batch_tfms=Normalize.from_stats(*CIFAR_STATS))
+
+
+def cifar_dls(path: Path, augs: Sequence[A.BasicTransform] = (), bs: int = 128, n_per_class: int | None = None,
+              workers: int | None = None, device=None) -> DataLoaders:
+    """Train/test `DataLoaders` for the CIFAR-style folder `path`."""
+    if workers is None: workers = min(4, os.cpu_count() or 1)
+    return cifar_block(augs, n_per_class).dataloaders(path, bs=bs, num_workers=workers, device=device)

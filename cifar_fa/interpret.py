@@ -1,0 +1,67 @@
+"""Review figures and test-set metrics for a trained Learner: curves, misclassified grid, top losses, confusion."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+import fastai.vision.learner  # noqa: F401 (registers plot_top_losses for images)
+from fastai.interpret import ClassificationInterpretation
+from fastai.learner import Learner
+from fastai.torch_core import show_image
+
+__all__ = ['plot_curves', 'plot_misclassified', 'review']
+
+
+def _save(fig: matplotlib.figure.Figure, path: Path) -> None:
+    fig.savefig(path, dpi=110, bbox_inches='tight')
+    plt.close('all')
+
+
+def plot_curves(history: pd.DataFrame, title: str) -> matplotlib.figure.Figure:
+    """Loss and accuracy per epoch, train and test, from a `history.csv` table."""
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ep = history.epoch + 1
+    for split, style in (('train', '-o'), ('valid', '-s')):
+        label = 'test' if split == 'valid' else 'train'
+        ax_l.plot(ep, history[f'{split}_loss'], style, ms=3, label=label)
+        ax_a.plot(ep, 100 * history[f'{split}_accuracy'], style, ms=3, label=label)
+    ax_l.set(xlabel='epoch', ylabel='loss', title='loss')
+    ax_a.set(xlabel='epoch', ylabel='accuracy (%)', title='accuracy')
+    for ax in (ax_l, ax_a): ax.grid(alpha=.3); ax.legend()
+    fig.suptitle(title)
+    return fig
+
+
+def plot_misclassified(interp: ClassificationInterpretation, probs: torch.Tensor, targs: torch.Tensor, title: str,
+                       n: int = 10) -> matplotlib.figure.Figure:
+    """The first `n` misclassified test images in a 5-wide grid, each with true and predicted label and confidence."""
+    wrong = (probs.argmax(1) != targs).nonzero().flatten()[:n].tolist()
+    vocab = interp.vocab
+    fig, axs = plt.subplots((n + 4) // 5, 5, figsize=(11, 2.6 * ((n + 4) // 5)))
+    for ax, i in zip(axs.flat, wrong):
+        img = interp.dl.dataset[i][0]
+        p = int(probs[i].argmax())
+        show_image(img, ax=ax, title=f'true: {vocab[targs[i]]}\npred: {vocab[p]} ({probs[i, p]:.2f})')
+    for ax in list(axs.flat)[len(wrong):]: ax.axis('off')
+    fig.suptitle(title)
+    return fig
+
+
+def review(learn: Learner, out: Path, title: str, k: int = 9) -> dict:
+    """Write top_losses.png, misclassified.png and confusion.png for the test split; return its metrics."""
+    out = Path(out)
+    interp = ClassificationInterpretation.from_learner(learn)
+    probs, targs = learn.get_preds(dl=interp.dl)
+    correct = probs.argmax(1) == targs
+    per_class = {c: float(correct[targs == i].float().mean()) for i, c in enumerate(interp.vocab) if (targs == i).any()}
+    interp.plot_top_losses(k, figsize=(9, 9))
+    _save(plt.gcf(), out / 'top_losses.png')
+    _save(plot_misclassified(interp, probs, targs, title), out / 'misclassified.png')
+    interp.plot_confusion_matrix(title=f'confusion matrix: {title}', figsize=(7, 7))
+    _save(plt.gcf(), out / 'confusion.png')
+    confused = [(a, b, int(n)) for a, b, n in interp.most_confused(min_val=1)[:10]]
+    return dict(test_accuracy=float(correct.float().mean()), n_test=len(targs), per_class_accuracy=per_class,
+                most_confused=confused)

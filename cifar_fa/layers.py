@@ -1,0 +1,52 @@
+"""Normalization factory and the one conv block every model is built from."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch.nn as nn
+
+__all__ = ['NORMS', 'GN_GROUPS', 'norm_layer', 'ConvBlock', 'is_norm']
+
+GN_GROUPS = 4  # `gn` splits channels into gcd(C, 4) groups: 4 groups for every width we use
+
+
+def _batch_norm(c: int) -> nn.Module: return nn.BatchNorm2d(c)
+def _group_norm(c: int) -> nn.Module: return nn.GroupNorm(math.gcd(c, GN_GROUPS), c)
+def _layer_norm(c: int) -> nn.Module: return nn.GroupNorm(1, c)
+
+
+NORMS: dict[str, Callable[[int], nn.Module]] = {
+    'bn': _batch_norm,  # BatchNorm2d: statistics over (N, H, W) per channel
+    'gn': _group_norm,  # GroupNorm(gcd(C, 4), C): per sample, over groups of channels and (H, W)
+    'ln': _layer_norm,  # per-sample LayerNorm over (C, H, W) = GroupNorm(1, C): 2*C params, any H, W
+}
+
+
+def norm_layer(name: str) -> Callable[[int], nn.Module]:
+    """Return the norm factory (a callable of the channel count) called `name`."""
+    try: return NORMS[name]
+    except KeyError: raise ValueError(f"unknown norm {name!r}: choose one of {', '.join(NORMS)}") from None
+
+
+def is_norm(m: nn.Module) -> bool:
+    """Whether `m` is one of the normalization layers `NORMS` builds."""
+    return isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))
+
+
+class ConvBlock(nn.Sequential):
+    """Conv (optionally dilated or depthwise-separable) -> norm -> ReLU -> dropout."""
+    def __init__(self, ni: int, nf: int, ks: int = 3, stride: int = 1, dilation: int = 1, separable: bool = False,
+                 norm: Callable[[int], nn.Module] = _batch_norm, dropout: float = 0., zero_norm: bool = False):
+        padding = dilation * (ks - 1) // 2
+        if separable:
+            convs = [nn.Conv2d(ni, ni, ks, stride, padding, dilation, groups=ni, bias=False),
+                     nn.Conv2d(ni, nf, 1, bias=False)]
+        else:
+            convs = [nn.Conv2d(ni, nf, ks, stride, padding, dilation, bias=False)]
+        nrm = norm(nf)
+        if zero_norm: nn.init.zeros_(nrm.weight)  # a residual branch starts as the identity
+        layers = [*convs, nrm, nn.ReLU(inplace=True)]
+        if dropout: layers.append(nn.Dropout2d(dropout))
+        super().__init__(*layers)
+        self.ks, self.stride, self.dilation, self.padding, self.separable = ks, stride, dilation, padding, separable

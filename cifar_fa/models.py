@@ -1,0 +1,96 @@
+"""Networks built from a spec string that reads like an assignment's skeleton."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .layers import ConvBlock, norm_layer
+
+__all__ = ['LayerSpec', 'parse_spec', 'SpecNet', 'count_params']
+
+_TOKEN = re.compile(r'^(?P<name>[A-Za-z]+\d*)(?::(?P<nf>\d+))?(?P<opts>(?:/(?:d\d+|s\d+|k\d+|dw))*)(?:\+(?P<add>\w+))?$')
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer of a spec: `kind` is 'conv', 'pool', 'gap' or 'head'."""
+    name: str
+    kind: str
+    nf: int | None = None
+    ks: int = 3
+    stride: int = 1
+    dilation: int = 1
+    separable: bool = False
+    add: str | None = None
+
+    @property
+    def padding(self) -> int: return self.dilation * (self.ks - 1) // 2 if self.kind == 'conv' else 0
+
+
+def _parse_token(tok: str, after_gap: bool) -> LayerSpec:
+    m = _TOKEN.match(tok)
+    if not m: raise ValueError(f"spec token {tok!r} is not NAME[:width][/d2|/s2|/k5|/dw][+SOURCE]")
+    name, nf, add = m['name'], m['nf'] and int(m['nf']), m['add']
+    opts = [o for o in m['opts'].split('/') if o]
+    if name == 'GAP': return LayerSpec(name, 'gap')
+    if name[0] == 'P': return LayerSpec(name, 'pool', ks=2, stride=2)
+    if name[0] not in 'Cc': raise ValueError(f"spec token {tok!r}: layers are C (3x3 conv), c (1x1 conv), P (max-pool) or GAP")
+    if after_gap: return LayerSpec(name, 'head', nf=nf, ks=1)
+    if nf is None: raise ValueError(f"spec token {tok!r} needs a width, e.g. {name}:32")
+    kw = dict(ks=3 if name[0] == 'C' else 1)
+    for o in opts:
+        if o == 'dw': kw['separable'] = True
+        else: kw[{'d': 'dilation', 's': 'stride', 'k': 'ks'}[o[0]]] = int(o[1:])
+    return LayerSpec(name, 'conv', nf=nf, add=add, **kw)
+
+
+def parse_spec(spec: str) -> list[LayerSpec]:
+    """Parse a spec such as `'C1:16 C2:32 c3:16 P1 C3:32 C4:32 C5:32+C3 GAP C10'` into layers."""
+    layers: list[LayerSpec] = []
+    for tok in spec.split():
+        layers.append(_parse_token(tok, after_gap=any(l.kind == 'gap' for l in layers)))
+    names = [l.name for l in layers]
+    if len(set(names)) != len(names): raise ValueError(f"spec {spec!r} repeats a layer name")
+    for i, l in enumerate(layers):
+        if l.add and l.add not in names[:i]: raise ValueError(f"spec layer {l.name} adds {l.add!r}, which is not an earlier layer")
+    return layers
+
+
+class SpecNet(nn.Module):
+    """A CNN built from a spec string, with any normalization from `NORMS` by name."""
+    def __init__(self, spec: str, norm: str = 'bn', n_in: int = 3, n_out: int = 10, dropout: float = 0.):
+        super().__init__()
+        self.spec, self.norm = spec, norm
+        make_norm, layers, width, shapes, specs = norm_layer(norm), {}, n_in, {}, parse_spec(spec)
+        for l in specs:
+            if l.kind == 'conv':
+                layers[l.name] = ConvBlock(width, l.nf, l.ks, l.stride, l.dilation, l.separable, make_norm,
+                                           dropout, zero_norm=l.add is not None)
+                width = l.nf
+            elif l.kind == 'pool': layers[l.name] = nn.MaxPool2d(2)
+            elif l.kind == 'gap': layers[l.name] = nn.AdaptiveAvgPool2d(1)
+            else:
+                layers[l.name] = nn.Conv2d(width, l.nf or n_out, 1)
+                width = l.nf or n_out
+            if l.add and shapes[l.add] != width:
+                raise ValueError(f"spec layer {l.name} ({width} channels) cannot add {l.add} ({shapes[l.add]} channels)")
+            shapes[l.name] = width
+        self.layers = nn.ModuleDict(layers)
+        self.skips = {l.name: l.add for l in specs if l.add}
+        self._sources = set(self.skips.values())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        saved = {}
+        for name, layer in self.layers.items():
+            x = layer(x)
+            if name in self.skips: x = x + saved[self.skips[name]]
+            if name in self._sources: saved[name] = x
+        return x.flatten(1)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of trainable parameters in `model`."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

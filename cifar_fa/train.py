@@ -1,0 +1,166 @@
+"""The one runner every recipe calls: model, constraints, data, Learner, one-cycle training, run folder."""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import albumentations as A
+import fastai
+import matplotlib
+import pandas as pd
+import torch
+import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, summary, to_channelslast onto Learner)
+from fastai.callback.progress import ProgressCallback
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+from fastai.metrics import accuracy
+from fastai.torch_core import set_seed
+
+from .callbacks import (EpochCheckpoint, GroupNormLikeBN, PlainProgress, ResumableCSVLogger, StopOnNaN, atomic_write,
+                        last_epoch)
+from .constraints import Constraints
+from .data import cifar10_path, cifar_dls
+from .interpret import plot_curves, review
+from .models import SpecNet, count_params
+from .receptive_field import rf_table, total_rf
+
+__all__ = ['Recipe', 'RunConfig', 'RunError', 'build_model', 'build_learner', 'describe', 'run', 'pick_device']
+
+
+class RunError(ValueError):
+    """A run cannot start as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An assignment: its model spec, training-only augmentations, constraints and default hyperparameters."""
+    name: str
+    spec: str
+    augs: Sequence[A.BasicTransform]
+    constraints: Constraints
+    defaults: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """Resolved settings of one run (saved as config.json)."""
+    recipe: str
+    norm: str = 'bn'
+    epochs: int = 20
+    bs: int = 128
+    lr: float | str = 1e-2  # max learning rate of the one cycle, or 'find' for lr_find's valley
+    wd: float = 1e-2  # decoupled weight decay (AdamW style); none on norm weights and biases
+    dropout: float = 0.
+    label_smoothing: float = 0.
+    seed: int = 42
+    workers: int | None = None
+    device: str = 'auto'
+    data: str | None = None
+    subset: int | None = None
+    out: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    outside_assignment: bool = False
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU; `cuda` without a GPU is an error."""
+    if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise RunError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
+    """The recipe's network with `cfg`'s norm and dropout, checked against the assignment's constraints."""
+    model = SpecNet(recipe.spec, cfg.norm, dropout=cfg.dropout)
+    if not cfg.outside_assignment: recipe.constraints.check(model, cfg.epochs)
+    return model
+
+
+def describe(recipe: Recipe, model: SpecNet) -> str:
+    """Spec, parameter count and receptive-field table of `model` as text."""
+    return (f'recipe {recipe.name}, norm {model.norm}\nspec: {model.spec}\nparameters: {count_params(model):,}\n'
+            f'receptive field (last layer before GAP): {total_rf(model.spec)}\n\n{rf_table(model.spec).to_string(index=False)}\n')
+
+
+def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model: SpecNet | None = None) -> Learner:
+    """DataLoaders and Learner for `recipe` with `cfg` (no training); mixed precision and channels_last on CUDA."""
+    device = pick_device(cfg.device)
+    set_seed(cfg.seed, reproducible=True)
+    model = model or build_model(recipe, cfg)
+    dls = cifar_dls(cifar10_path(cfg.data), recipe.augs, bs=cfg.bs, n_per_class=cfg.subset, workers=cfg.workers,
+                    device=device)
+    loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing else CrossEntropyLossFlat()
+    learn = Learner(dls, model, loss_func=loss, metrics=accuracy, wd=cfg.wd, path=path, model_dir='checkpoints',
+                    cbs=[GroupNormLikeBN(), StopOnNaN()])
+    learn.recorder.train_metrics = True
+    learn.to_channelslast(use_amp=device.type == 'cuda')  # channels_last is ~2x faster for these convs on CPU too
+    return learn
+
+
+def _prepare_out(cfg: RunConfig) -> Path:
+    out = Path(cfg.out or f'runs/{cfg.recipe}_{cfg.norm}')
+    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+        raise RunError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
+    if cfg.resume and last_epoch(out / 'checkpoints') is None:
+        raise RunError(f"{out} has no checkpoint to resume from; start it without --resume")
+    if cfg.overwrite and not cfg.resume: shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _versions() -> dict:
+    return dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
+                albumentations=A.__version__)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == 'cuda': return torch.cuda.get_device_name(device)
+    return f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+
+
+def _seconds(times: pd.Series) -> pd.Series:
+    return times.astype(str).map(lambda t: sum(int(x) * 60 ** i for i, x in enumerate(reversed(t.split(':')))))
+
+
+def run(recipe: Recipe, cfg: RunConfig) -> dict:
+    """Train `recipe` as `cfg` says and write the run folder; return the metrics."""
+    t0 = time.time()
+    model = build_model(recipe, cfg)
+    out = _prepare_out(cfg)
+    learn = build_learner(recipe, cfg, out, model)
+    if not sys.stdout.isatty(): learn.remove_cb(ProgressCallback).add_cb(PlainProgress())  # bars garble log files
+    device = learn.dls.device
+    start = last_epoch(out / 'checkpoints') + 1 if cfg.resume else 0
+    if cfg.resume: learn.load('last', with_opt=True)
+    prev = json.loads((out / 'config.json').read_text()) if cfg.resume else {}
+    lr = prev.get('lr_used') if cfg.resume else cfg.lr
+    if lr == 'find':
+        lr = float(learn.lr_find().valley)
+        matplotlib.pyplot.gcf().savefig(out / 'lr_find.png', dpi=110)
+        matplotlib.pyplot.close('all')
+    config = dict(asdict(cfg), lr_used=lr, spec=recipe.spec, augs=[repr(a) for a in recipe.augs], data_path=str(learn.dls.path),
+                  device_name=_device_name(device), versions=_versions(), argv=sys.argv)
+    atomic_write(out / 'config.json', json.dumps(config, indent=2))
+    summary = describe(recipe, model)
+    atomic_write(out / 'summary.txt', f'{summary}\n{learn.summary()}\n')
+    learn.fit_one_cycle(cfg.epochs, lr, start_epoch=start,
+                        cbs=[ResumableCSVLogger('history.csv', append=cfg.resume), EpochCheckpoint()])
+    history = pd.read_csv(out / 'history.csv')
+    title = f'{recipe.name} --norm {cfg.norm}'
+    plot_curves(history, title).savefig(out / 'curves.png', dpi=110, bbox_inches='tight')
+    metrics = dict(recipe=recipe.name, norm=cfg.norm, params=count_params(model), rf=total_rf(recipe.spec),
+                   epochs=int(history.epoch.iloc[-1]) + 1, train_accuracy=float(history.train_accuracy.iloc[-1]),
+                   **review(learn, out, title), epoch_seconds=int(_seconds(history.time).sum()), device=_device_name(device),
+                   data=str(learn.dls.path), subset=cfg.subset, outside_assignment=cfg.outside_assignment)
+    learn.export('model.pkl')
+    metrics['wall_seconds'] = round(time.time() - t0, 1)  # this invocation: data, training, review and export
+    atomic_write(out / 'metrics.json', json.dumps(metrics, indent=2))
+    return metrics

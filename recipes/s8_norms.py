@@ -1,0 +1,27 @@
+"""S8: one skeleton, three normalizations (bn, gn, ln), < 50,000 parameters, <= 20 epochs."""
+import albumentations as A
+
+from cifar_fa import CIFAR_MEAN_RGB, Constraints, Recipe, main
+
+# C = 3x3 conv, c = 1x1 conv, P = 2x2 max-pool; `C5:28+C3` adds C3's output to C5's ("add one layer to another")
+SPEC = 'C1:16 C2:32 c3:16 P1 C3:28 C4:28 C5:28+C3 c6:16 P2 C7:32 C8:32 C9:32+C7 GAP C10'
+
+AUGS = [
+    A.PadIfNeeded(40, 40, border_mode=4),  # reflect-pad 4 px, then a random 32x32 crop: shifts of up to 4 px
+    A.RandomCrop(32, 32),
+    A.HorizontalFlip(),
+]
+
+HPARAMS = dict(
+    norm='bn',
+    epochs=20,
+    bs=128,
+    lr=1e-2,   # max learning rate of fit_one_cycle (Adam)
+    wd=1e-2,   # decoupled weight decay, none on norm weights and biases
+)
+
+RECIPE = Recipe('s8', SPEC, AUGS, defaults=HPARAMS, constraints=Constraints(
+    max_params=50_000, max_epochs=20, skeleton='C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10'))
+
+if __name__ == '__main__':
+    main(RECIPE)

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny synthetic CIFAR-style folders written by the tests themselves."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault('MPLBACKEND', 'Agg')
+os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'recipes'))
+
+CLASSES = [f'class{i}' for i in range(10)]
+
+
+def write_synthetic(root: Path, n_train: int = 12, n_test: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """Write `train/` and `test/` folders of PNGs whose class is a distinct colour plus noise (easy to learn)."""
+    rng = np.random.default_rng(seed)
+    hues = np.linspace(0, 1, len(CLASSES), endpoint=False)
+    for split, n in (('train', n_train), ('test', n_test)):
+        for c, h in zip(CLASSES, hues):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            base = 255 * np.array([abs(np.sin(np.pi * (h + k / 3))) for k in range(3)])
+            for i in range(n):
+                img = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f'{i:04d}.png')
+    return root
+
+
+@pytest.fixture(scope='session')
+def synth(tmp_path_factory) -> Path:
+    """A synthetic 10-class dataset (12 train, 4 test images per class), shared by the whole session."""
+    return write_synthetic(tmp_path_factory.mktemp('synth') / 'cifar')
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv('CIFAR_FA_CACHE', str(tmp_path / 'cache'))

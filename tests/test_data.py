@@ -1,0 +1,86 @@
+import io
+import shutil
+import tarfile
+
+import albumentations as A
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_fa import DataError, cifar10_path, cifar_dls
+from cifar_fa.data import AlbumentationsTransform
+from conftest import CLASSES
+
+
+def _tgz(src, dest):
+    with tarfile.open(dest, 'w:gz') as tf: tf.add(src, arcname='cifar10')
+    return dest
+
+
+def test_folder_and_env(synth, monkeypatch):
+    assert cifar10_path(synth) == synth
+    monkeypatch.setenv('CIFAR10_DIR', str(synth))
+    assert cifar10_path() == synth
+
+
+def test_archive_extracted_once(synth, tmp_path):
+    arc = _tgz(synth, tmp_path / 'c.tgz')
+    root = cifar10_path(arc)
+    assert root.name == 'cifar10' and sorted(p.name for p in (root / 'train').iterdir()) == CLASSES
+    marker = root / 'train' / CLASSES[0] / 'seen'
+    marker.touch()
+    assert cifar10_path(arc) == root and marker.exists()  # reused, not extracted again
+
+
+def test_half_finished_extraction_is_redone(synth, tmp_path):
+    arc = _tgz(synth, tmp_path / 'c.tgz')
+    root = cifar10_path(arc)
+    partial = root.parent.with_name(root.parent.name + '.partial')
+    shutil.rmtree(root.parent)
+    partial.mkdir()
+    (partial / 'junk').touch()
+    assert (cifar10_path(arc) / 'test').is_dir() and not partial.exists()
+
+
+def test_archive_escaping_cache_refused(tmp_path):
+    arc = tmp_path / 'evil.tgz'
+    with tarfile.open(arc, 'w:gz') as tf:
+        info = tarfile.TarInfo('../outside.txt'); info.size = 2
+        tf.addfile(info, io.BytesIO(b'hi'))
+    with pytest.raises(DataError, match='outside'): cifar10_path(arc)
+    assert not (tmp_path / 'cache' / 'outside.txt').exists()
+
+
+def _file(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize('make,msg', [
+    (lambda p: p / 'nope', 'does not exist'),
+    (lambda p: _file(p / 'x.tgz', b'not an archive'), 'not a readable'),
+    (lambda p: _file(p / 'empty' / 'README', b'hi').parent, 'no train/ and test/')])
+def test_bad_sources(tmp_path, make, msg):
+    with pytest.raises(DataError, match=msg): cifar10_path(make(tmp_path))
+
+
+def test_class_mismatch_and_empty_class(synth, tmp_path):
+    bad = shutil.copytree(synth, tmp_path / 'bad')
+    shutil.rmtree(bad / 'test' / CLASSES[0])
+    with pytest.raises(DataError, match='class folders differ'): cifar10_path(bad)
+    (bad / 'test' / CLASSES[0]).mkdir()
+    with pytest.raises(DataError, match='holds no images'): cifar10_path(bad)
+
+
+def test_augmentation_on_train_only(synth):
+    assert AlbumentationsTransform([A.HorizontalFlip()]).split_idx == 0
+    dls = cifar_dls(synth, [A.HorizontalFlip(p=1.)], bs=4, workers=0)
+    assert dls.vocab == CLASSES and len(dls.train_ds) == 120 and len(dls.valid_ds) == 40
+    for dl, flipped in ((dls.train, True), (dls.valid, False)):
+        dl = dl.new(shuffle=False, drop_last=False)
+        x, = dls.decode((dl.one_batch()[0],))
+        raw = np.asarray(Image.open(dl.dataset.items[0]))
+        want = raw[:, ::-1] if flipped else raw
+        got = x[0].permute(1, 2, 0).float().numpy()
+        assert np.abs(got - want).max() <= 1

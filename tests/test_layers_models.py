@@ -1,0 +1,73 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cifar_fa import NORMS, ConvBlock, SpecNet, count_params, norm_layer, parse_spec
+from cifar_fa.callbacks import GroupNormLikeBN  # noqa: F401 (imported to fail early if the module breaks)
+from s8_norms import RECIPE as S8
+
+
+@pytest.mark.parametrize('name,cls,groups', [('bn', nn.BatchNorm2d, None), ('gn', nn.GroupNorm, 4), ('ln', nn.GroupNorm, 1)])
+def test_norm_factory(name, cls, groups):
+    m = norm_layer(name)(24)
+    assert type(m) is cls
+    assert count_params(m) == 2 * 24
+    if groups: assert m.num_groups == groups
+
+
+def test_unknown_norm_lists_choices():
+    with pytest.raises(ValueError, match='bn, gn, ln'): norm_layer('in')
+
+
+def test_ln_is_layer_norm_over_chw():
+    x = torch.randn(3, 8, 5, 7) * 4 + 2
+    ln = norm_layer('ln')(8)
+    nn.init.normal_(ln.weight); nn.init.normal_(ln.bias)
+    ref = F.layer_norm(x, (8, 5, 7), eps=ln.eps) * ln.weight[:, None, None] + ln.bias[:, None, None]
+    torch.testing.assert_close(ln(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_block_options():
+    plain = ConvBlock(8, 16)
+    assert plain[0].bias is None and isinstance(plain[1], nn.BatchNorm2d)
+    sep = ConvBlock(8, 16, separable=True)
+    assert count_params(sep) == 8 * 9 + 8 * 16 + 2 * 16
+    dil = ConvBlock(8, 16, dilation=2)
+    assert dil(torch.randn(1, 8, 10, 10)).shape == (1, 16, 10, 10)
+    assert ConvBlock(8, 16, stride=2)(torch.randn(1, 8, 10, 10)).shape == (1, 16, 5, 5)
+
+
+@pytest.mark.parametrize('norm', list(NORMS))
+def test_s8_variants(norm):
+    model = SpecNet(S8.spec, norm)
+    assert count_params(model) < 50_000
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    kinds = {type(m) for m in model.modules()}
+    assert (nn.BatchNorm2d in kinds) == (norm == 'bn')
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    S8.constraints.check(model, epochs=20)
+
+
+def test_s8_params_same_for_every_norm():
+    assert len({count_params(SpecNet(S8.spec, n)) for n in NORMS}) == 1
+
+
+def test_skip_branch_starts_as_identity():
+    model = SpecNet('C1:8 C2:8 C3:8+C1 GAP C4', 'gn').eval()
+    x = torch.randn(2, 3, 16, 16)
+    c1 = model.layers['C1'](x)
+    c3 = model.layers['C3'](model.layers['C2'](c1)) + c1
+    torch.testing.assert_close(c3, c1)  # C3's norm weight starts at zero
+    assert model(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize('spec,msg', [('C1 GAP C2', 'needs a width'), ('C1:8 X2:8', 'layers are'),
+                                      ('C1:8 C2:8+C9 GAP C3', 'not an earlier layer'), ('C1:8 C1:8', 'repeats')])
+def test_bad_specs(spec, msg):
+    with pytest.raises(ValueError, match=msg): parse_spec(spec)
+
+
+def test_skip_channel_mismatch():
+    with pytest.raises(ValueError, match='cannot add'): SpecNet('C1:8 C2:16+C1 GAP C3')

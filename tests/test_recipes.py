@@ -1,0 +1,64 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+S8 = str(ROOT / 'recipes' / 's8_norms.py')
+
+
+def recipe(*args, script=S8, timeout=600):
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'MPLBACKEND': 'Agg'}
+    return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize('norm', ['bn', 'gn', 'ln'])
+def test_dry_run(norm):
+    r = recipe('--norm', norm, '--dry-run', '--data', '/nonexistent')  # loads no data
+    assert r.returncode == 0, r.stderr
+    assert 'parameters: 48,034' in r.stdout and 'constraints: ok' in r.stdout and 'n_out' in r.stdout
+    assert ('GroupNorm' in r.stdout) == (norm != 'bn')
+
+
+def test_end_to_end_run(synth, tmp_path):
+    out = tmp_path / 'run'
+    r = recipe('--norm', 'ln', '--data', synth, '--epochs', 2, '--bs', 32, '--workers', 0, '--out', out)
+    assert r.returncode == 0, r.stderr
+    assert 'epoch 1' in r.stdout and '\x1b' not in r.stdout  # plain epoch lines in a log, no progress bars
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['norm'] == 'ln' and m['epochs'] == 2 and (out / 'model.pkl').exists()
+    again = recipe('--norm', 'ln', '--data', synth, '--epochs', 2, '--out', out)
+    assert again.returncode == 2 and 'already holds a run' in again.stderr and 'Traceback' not in again.stderr
+
+
+@pytest.mark.parametrize('args,msg', [
+    (['--data', '/no/such/dir'], 'does not exist'),
+    (['--epochs', 21], "above the assignment's cap of 20"),
+    (['--device', 'cuda'], 'no CUDA GPU'),
+])
+def test_bad_input_one_line(args, msg, synth, tmp_path):
+    if 'cuda' in args and torch.cuda.is_available(): pytest.skip('a GPU is present')
+    r = recipe('--data', synth, *args, '--out', tmp_path / 'run')
+    assert r.returncode == 2, r.stderr
+    assert msg in r.stderr and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('args', [['--norm', 'xx'], ['--epochs', 0], ['--bs', -4], ['--lr', 0]])
+def test_bad_options_rejected(args):
+    r = recipe(*args, '--dry-run')
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+
+
+@pytest.mark.skipif(not os.environ.get('CIFAR10_DIR'), reason='needs the real CIFAR-10 (set CIFAR10_DIR)')
+def test_real_data_smoke(tmp_path):
+    out = tmp_path / 'real'
+    r = recipe('--norm', 'gn', '--subset', 100, '--epochs', 2, '--bs', 32, '--out', out)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['n_test'] == 10_000 and m['test_accuracy'] > 0.15 and len(m['per_class_accuracy']) == 10

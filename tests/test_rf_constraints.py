@@ -1,0 +1,36 @@
+import pytest
+
+from cifar_fa import Constraints, ConstraintError, SpecNet, rf_table, total_rf
+from s8_norms import RECIPE as S8
+
+
+def test_rf_table_hand_computed():
+    # C1 3x3: rf 3; P1 2x2/2: rf 4, jump 2; C2 3x3 dilation 2 (k_eff 5): rf 4 + 4*2 = 12; c3 1x1/2 stride: rf 12, jump 4
+    t = rf_table('C1:8 P1 C2:8/d2 c3:8/s2 GAP C4')
+    assert t.layer.tolist() == ['C1', 'P1', 'C2', 'c3', 'GAP', 'C4']
+    assert t.rf.tolist()[:4] == [3, 4, 12, 12]
+    assert t.jump.tolist()[:4] == [1, 2, 2, 4]
+    assert t.n_out.tolist()[:4] == [32, 16, 16, 8]
+    assert t.p.tolist()[:4] == [1, 0, 2, 0]
+    assert total_rf('C1:8 P1 C2:8/d2 c3:8/s2 GAP C4') == 12
+
+
+def test_s8_rf():
+    assert total_rf(S8.spec) == 44  # 3,5,5 | 6 | 10,14,18,18 | 20 | 28,36,44
+
+
+def test_skip_across_resolution_refused():
+    with pytest.raises(ValueError, match='cannot add'): rf_table('C1:8 P1 C2:8+C1 GAP C3')
+
+
+@pytest.mark.parametrize('kw,msg', [
+    (dict(max_params=1000), 'parameters'), (dict(min_rf=100), 'receptive field'),
+    (dict(need_dilated=True), 'dilated'), (dict(need_separable=True), 'depthwise-separable'),
+    (dict(skeleton='C1 C2 GAP C10'), 'skeleton'), (dict(max_epochs=5), 'cap of 5')])
+def test_constraint_violations(kw, msg):
+    with pytest.raises(ConstraintError, match=msg): Constraints(**kw).check(SpecNet(S8.spec, 'bn'), epochs=20)
+
+
+def test_constraints_pass():
+    Constraints(max_params=100_000, min_rf=15, need_dilated=True, need_separable=True, max_epochs=20).check(
+        SpecNet('C1:16 P1 C2:32/d2 C3:32/dw GAP C4', 'bn'), epochs=20)

@@ -1,0 +1,68 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch.nn as nn
+from fastai.learner import load_learner
+from PIL import Image
+
+from cifar_fa import RunConfig, build_learner, run
+from conftest import CLASSES, ROOT
+from s8_norms import RECIPE as S8
+
+ARTIFACTS = ['config.json', 'summary.txt', 'history.csv', 'curves.png', 'misclassified.png', 'top_losses.png',
+             'confusion.png', 'metrics.json', 'model.pkl']
+
+
+@pytest.fixture(scope='module')
+def trained(synth, tmp_path_factory):
+    """A short real training on the synthetic set, with its run folder."""
+    out = tmp_path_factory.mktemp('run') / 's8_gn'
+    cfg = RunConfig('s8', norm='gn', epochs=4, bs=16, lr=1e-2, workers=0, device='cpu', data=str(synth), out=str(out))
+    return run(S8, cfg), out
+
+
+def test_training_beats_chance(trained):
+    metrics, out = trained
+    assert metrics['test_accuracy'] >= 0.5  # chance is 0.1
+    hist = pd.read_csv(out / 'history.csv')
+    assert list(hist.columns) == ['epoch', 'train_loss', 'train_accuracy', 'valid_loss', 'valid_accuracy', 'time']
+    assert len(hist) == 4 and hist.train_loss.iloc[-1] < hist.train_loss.iloc[0]
+    assert metrics['test_accuracy'] == pytest.approx(hist.valid_accuracy.iloc[-1], abs=1e-6)  # last epoch, no selection
+
+
+def test_run_folder_complete(trained):
+    metrics, out = trained
+    for name in ARTIFACTS: assert (out / name).stat().st_size > 0, name
+    for png in out.glob('*.png'): Image.open(png).verify()
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['params'] == metrics['params'] < 50_000 and m['rf'] == 44 and m['epochs'] == 4
+    assert set(m['per_class_accuracy']) == set(CLASSES) and 'device' in m and m['wall_seconds'] > 0
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['norm'] == 'gn' and cfg['seed'] == 42 and 'torch' in cfg['versions']
+    summary = (out / 'summary.txt').read_text()
+    assert 'receptive field' in summary and 'jump' in summary and f"{m['params']:,}" in summary
+
+
+def test_export_roundtrip_in_fresh_process(trained, synth):
+    _, out = trained
+    img = sorted((synth / 'test' / CLASSES[3]).iterdir())[0]
+    learn = load_learner(out / 'model.pkl')
+    live = learn.predict(img)
+    code = (f"from fastai.learner import load_learner; import cifar_fa; "
+            f"p = load_learner({str(out / 'model.pkl')!r}).predict({str(img)!r}); print(p[0], float(p[2].max()))")
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    label, conf = res.stdout.split()
+    assert label == live[0] and abs(float(conf) - float(live[2].max())) < 1e-5 and label in CLASSES
+
+
+def test_group_norm_weights_get_no_weight_decay(synth):
+    cfg = RunConfig('s8', norm='gn', epochs=1, bs=16, workers=0, device='cpu', data=str(synth), subset=2)
+    learn = build_learner(S8, cfg)
+    learn.fit(1, 1e-3)
+    gn = [p for m in learn.model.modules() if isinstance(m, nn.GroupNorm) for p in m.parameters()]
+    conv = [m.weight for m in learn.model.modules() if isinstance(m, nn.Conv2d)]
+    assert gn and all(learn.opt.state[p]['do_wd'] is False for p in gn)
+    assert all(learn.opt.state[p].get('do_wd', True) for p in conv)
