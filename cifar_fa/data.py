@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import tarfile
 from pathlib import Path
@@ -105,9 +106,12 @@ class AlbumentationsTransform(DisplayedTransform):
 
     def __init__(self, aug: A.BasicTransform | Sequence[A.BasicTransform]):
         super().__init__()
-        self.aug = aug if isinstance(aug, A.BaseCompose) else A.Compose(list(aug))
+        self.aug, self._seeded_in = aug if isinstance(aug, A.BaseCompose) else A.Compose(list(aug)), None
 
     def encodes(self, img: PILImage) -> PILImage:
+        if self._seeded_in != os.getpid():  # albumentations seeds itself from the OS; follow fastai's seeded `random`
+            self.aug.set_random_seed(random.getrandbits(32))
+            self._seeded_in = os.getpid()
         return PILImage.create(self.aug(image=np.asarray(img))['image'])
 
 

@@ -78,7 +78,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
-    """The recipe's network with `cfg`'s norm and dropout, checked against the assignment's constraints."""
+    """The recipe's network with `cfg`'s norm, dropout and seed, checked against the assignment's constraints."""
+    set_seed(cfg.seed, reproducible=True)
     model = SpecNet(recipe.spec, cfg.norm, dropout=cfg.dropout)
     if not cfg.outside_assignment: recipe.constraints.check(model, cfg.epochs)
     return model
@@ -90,12 +91,13 @@ def describe(recipe: Recipe, model: SpecNet) -> str:
             f'receptive field (last layer before GAP): {total_rf(model.spec)}\n\n{rf_table(model.spec).to_string(index=False)}\n')
 
 
-def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model: SpecNet | None = None) -> Learner:
+def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model: SpecNet | None = None,
+                  data_path: Path | None = None) -> Learner:
     """DataLoaders and Learner for `recipe` with `cfg` (no training); mixed precision and channels_last on CUDA."""
     device = pick_device(cfg.device)
     set_seed(cfg.seed, reproducible=True)
     model = model or build_model(recipe, cfg)
-    dls = cifar_dls(cifar10_path(cfg.data), recipe.augs, bs=cfg.bs, n_per_class=cfg.subset, workers=cfg.workers,
+    dls = cifar_dls(data_path or cifar10_path(cfg.data), recipe.augs, bs=cfg.bs, n_per_class=cfg.subset, workers=cfg.workers,
                     device=device)
     loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing else CrossEntropyLossFlat()
     learn = Learner(dls, model, loss_func=loss, metrics=accuracy, wd=cfg.wd, path=path, model_dir='checkpoints',
@@ -134,12 +136,17 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     """Train `recipe` as `cfg` says and write the run folder; return the metrics."""
     t0 = time.time()
     model = build_model(recipe, cfg)
+    pick_device(cfg.device)
+    data_path = cifar10_path(cfg.data)  # bad data or device fail here, before any output exists
     out = _prepare_out(cfg)
-    learn = build_learner(recipe, cfg, out, model)
+    learn = build_learner(recipe, cfg, out, model, data_path)
     if not sys.stdout.isatty(): learn.remove_cb(ProgressCallback).add_cb(PlainProgress())  # bars garble log files
     device = learn.dls.device
     start = last_epoch(out / 'checkpoints') + 1 if cfg.resume else 0
-    if cfg.resume: learn.load('last', with_opt=True)
+    if cfg.resume:
+        learn.load('last', with_opt=True)
+        hist = pd.read_csv(out / 'history.csv')  # drop any row logged after the checkpoint was taken
+        atomic_write(out / 'history.csv', hist[hist.epoch < start].to_csv(index=False))
     prev = json.loads((out / 'config.json').read_text()) if cfg.resume else {}
     lr = prev.get('lr_used') if cfg.resume else cfg.lr
     if lr == 'find':
@@ -151,8 +158,10 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     atomic_write(out / 'config.json', json.dumps(config, indent=2))
     summary = describe(recipe, model)
     atomic_write(out / 'summary.txt', f'{summary}\n{learn.summary()}\n')
-    learn.fit_one_cycle(cfg.epochs, lr, start_epoch=start,
-                        cbs=[ResumableCSVLogger('history.csv', append=cfg.resume), EpochCheckpoint()])
+    csv = ResumableCSVLogger('history.csv', append=cfg.resume)
+    try: learn.fit_one_cycle(cfg.epochs, lr, start_epoch=start, cbs=[csv, EpochCheckpoint()])
+    finally:
+        if hasattr(csv, 'file'): csv.file.close()  # an interrupted fit never reaches CSVLogger.after_fit
     history = pd.read_csv(out / 'history.csv')
     title = f'{recipe.name} --norm {cfg.norm}'
     plot_curves(history, title).savefig(out / 'curves.png', dpi=110, bbox_inches='tight')

@@ -66,3 +66,23 @@ def test_group_norm_weights_get_no_weight_decay(synth):
     conv = [m.weight for m in learn.model.modules() if isinstance(m, nn.Conv2d)]
     assert gn and all(learn.opt.state[p]['do_wd'] is False for p in gn)
     assert all(learn.opt.state[p].get('do_wd', True) for p in conv)
+
+
+def test_interrupted_run_resumes_to_the_same_epoch_count(synth, tmp_path, monkeypatch):
+    from cifar_fa.callbacks import EpochCheckpoint
+    save = EpochCheckpoint.after_epoch
+
+    def interrupt_after_epoch_1(self):
+        save(self)
+        if self.epoch == 1: raise KeyboardInterrupt
+
+    kw = dict(norm='bn', epochs=4, bs=16, lr=1e-2, workers=0, device='cpu', data=str(synth))
+    full = run(S8, RunConfig('s8', out=str(tmp_path / 'full'), **kw))
+    monkeypatch.setattr(EpochCheckpoint, 'after_epoch', interrupt_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt): run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), **kw))
+    assert not (tmp_path / 'cut' / 'metrics.json').exists()
+    monkeypatch.setattr(EpochCheckpoint, 'after_epoch', save)
+    resumed = run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **kw))
+    h_full, h_cut = (pd.read_csv(tmp_path / d / 'history.csv') for d in ('full', 'cut'))
+    assert h_cut.epoch.tolist() == [0, 1, 2, 3] and resumed['epochs'] == full['epochs'] == 4
+    pd.testing.assert_frame_equal(h_full.iloc[:2].drop(columns='time'), h_cut.iloc[:2].drop(columns='time'))  # same seed
