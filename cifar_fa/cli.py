@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from .constraints import ConstraintError
 from .data import DataError
 from .layers import NORMS
+from .report import write_comparison
 from .callbacks import DivergedError
 from .train import Recipe, RunConfig, RunError, build_model, describe, run
 
@@ -26,12 +28,13 @@ def _lr(s: str) -> float | str:
     return s if s == 'find' else _positive(float)(s)
 
 
-def parser(recipe: Recipe, extra_norms: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+def parser(recipe: Recipe) -> argparse.ArgumentParser:
     """Argument parser for `recipe`; defaults shown are the recipe's own."""
     d = {**{f.name: f.default for f in fields(RunConfig)}, **recipe.defaults}
     p = argparse.ArgumentParser(description=f'Train the {recipe.name} recipe on CIFAR-10 and write a run folder.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--norm', choices=[*NORMS, *extra_norms], default=d['norm'], help='normalization layer')
+    p.add_argument('--norm', choices=[*NORMS, 'all'], default=d['norm'],
+                   help="normalization layer; 'all' trains each in turn and writes a comparison")
     p.add_argument('--data', default=None, help='CIFAR-10 folder (train/, test/) or .tgz of one; default $CIFAR10_DIR, '
                                                "else fastai's untar_data(URLs.CIFAR)")
     p.add_argument('--epochs', type=_positive(int), default=d['epochs'])
@@ -44,7 +47,8 @@ def parser(recipe: Recipe, extra_norms: tuple[str, ...] = ()) -> argparse.Argume
     p.add_argument('--workers', type=int, default=d['workers'], help='DataLoader workers (default: min(4, CPUs))')
     p.add_argument('--device', default=d['device'], help='auto, cpu or cuda')
     p.add_argument('--subset', type=_positive(int), default=None, help='use N training images per class (quick looks)')
-    p.add_argument('--out', default=None, help='run folder (default runs/<recipe>_<norm>)')
+    p.add_argument('--out', default=None, help="run folder (default runs/<recipe>_<norm>); with --norm all, the folder "
+                                              "that holds one per norm and the comparison (default runs)")
     p.add_argument('--resume', action='store_true', help="continue the run in --out from its last checkpoint")
     p.add_argument('--overwrite', action='store_true', help='replace an existing run folder')
     p.add_argument('--outside-assignment', action='store_true',
@@ -62,17 +66,23 @@ def config_from_args(recipe: Recipe, args: argparse.Namespace, **overrides) -> R
 def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
     """Parse `argv`, check the model and train it; errors become one line on stderr and exit status 2."""
     args = parser(recipe).parse_args(argv)
-    cfg = config_from_args(recipe, args)
+    norms = list(NORMS) if args.norm == 'all' else [args.norm]
+    parent = Path(args.out or 'runs') if args.norm == 'all' else None
+    cfgs = [config_from_args(recipe, args, norm=n, **({'out': str(parent / f'{recipe.name}_{n}')} if parent else {}))
+            for n in norms]
     try:
-        model = build_model(recipe, cfg)
+        models = [build_model(recipe, cfg) for cfg in cfgs]  # every variant is checked before any trains
         if args.dry_run:
-            print(model, '\n', describe(recipe, model), 'constraints: ok', sep='')
+            for model in models: print(model, '\n', describe(recipe, model), 'constraints: ok', sep='')
             return None
-        return run(recipe, cfg)
+        results = [run(recipe, cfg) for cfg in cfgs]
     except (ConstraintError, DataError, RunError, DivergedError) as e:
         print(f'error: {str(e).strip().splitlines()[-1].strip()}', file=sys.stderr)  # fastai prefixes callback errors
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f'\ninterrupted: finished epochs are checkpointed; continue with --resume --out {cfg.out or "runs/<recipe>_<norm>"}',
+        print('\ninterrupted: finished epochs are checkpointed; run the same command with --resume to continue',
               file=sys.stderr)
         sys.exit(130)
+    if parent: print(write_comparison([Path(c.out) for c in cfgs], parent / f'{recipe.name}_comparison',
+                                      f'{recipe.name}: {", ".join(norms)} compared'))
+    return results[-1]

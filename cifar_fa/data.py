@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
 import tarfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -13,17 +15,19 @@ os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # albumentations otherwi
 
 import albumentations as A
 import numpy as np
+from PIL import Image
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders
-from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label
+from fastai.data.transforms import GrandparentSplitter, image_extensions, parent_label
 from fastai.vision.augment import Normalize
 from fastai.vision.core import PILImage
 from fastai.vision.data import ImageBlock
 from fasttransform import DisplayedTransform
 
 __all__ = ['DataError', 'CIFAR_STATS', 'CIFAR_MEAN_RGB', 'cifar10_path', 'extract_archive', 'check_layout',
-           'AlbumentationsTransform', 'cifar_block', 'cifar_dls', 'cache_dir']
+           'image_files', 'AlbumentationsTransform', 'cifar_block', 'cifar_dls', 'cache_dir']
 
+IMAGE_EXTS = set(image_extensions)
 CIFAR_STATS = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])  # per-channel mean, std of the training split
 CIFAR_MEAN_RGB = tuple(round(255 * m) for m in CIFAR_STATS[0])  # fill colour for cutout holes
 
@@ -74,16 +78,57 @@ def _find_root(path: Path) -> Path:
 
 
 def check_layout(root: Path) -> list[str]:
-    """Check `root` holds train/ and test/ with the same non-empty class folders; return the class names."""
+    """Check `root` holds train/ and test/ with the same class folders; return the class names."""
     splits = {s: sorted(d.name for d in (root / s).iterdir() if d.is_dir()) for s in ('train', 'test')}
     if not splits['train']: raise DataError(f"{root / 'train'} holds no class folders")
     if splits['train'] != splits['test']:
         raise DataError(f"class folders differ between {root / 'train'} ({', '.join(splits['train'])}) "
                         f"and {root / 'test'} ({', '.join(splits['test'])}); both need the same classes")
-    for s in ('train', 'test'):
-        for c in splits[s]:
-            if not get_image_files(root / s / c): raise DataError(f"{root / s / c} holds no images; add some or remove the folder")
     return splits['train']
+
+
+def _few(paths: Sequence[Path], n: int = 3) -> str:
+    return ', '.join(map(str, paths[:n])) + (f' and {len(paths) - n} more' if len(paths) > n else '')
+
+
+def _unreadable(files: list[Path], size: int, root: Path) -> tuple[list[str], list[str]]:
+    """Files that do not decode, and files that are not `size`x`size`; rescanned when a class folder changes."""
+    dirs = sorted({f.parent for f in files})
+    key = hashlib.sha1(f'{root.resolve()}:{len(files)}:{size}:{[d.stat().st_mtime_ns for d in dirs]}'.encode()).hexdigest()[:16]
+    cached = cache_dir() / f'scan-{key}.json'
+    if cached.exists(): return tuple(json.loads(cached.read_text()))
+    bad, wrong = [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                if im.size != (size, size): wrong.append(str(f))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            bad.append(str(f))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps([bad, wrong]))
+    return bad, wrong
+
+
+def image_files(root: Path, size: int = 32) -> list[Path]:
+    """Decodable images under `root`/train and `root`/test; unreadable and non-image files are skipped with a warning."""
+    classes, files, others = check_layout(root), [], []
+    for s in ('train', 'test'):
+        for c in classes:
+            for name in sorted(os.listdir(root / s / c)):
+                (files if os.path.splitext(name)[1].lower() in IMAGE_EXTS else others).append(root / s / c / name)
+    if others: warnings.warn(f'ignoring {len(others)} non-image files: {_few(others)}')
+    bad, wrong = _unreadable(files, size, root)
+    if wrong: raise DataError(f'{len(wrong)} images are not {size}x{size} ({_few(wrong)}); resize them to {size}x{size} or remove them')
+    if bad:
+        warnings.warn(f'skipping {len(bad)} unreadable images: {_few(bad)}')
+        skip = set(bad)
+        files = [f for f in files if str(f) not in skip]
+    counts = {(s, c): 0 for s in ('train', 'test') for c in classes}
+    for f in files: counts[f.parent.parent.name, f.parent.name] += 1
+    if empty := [root / s / c for (s, c), n in counts.items() if n == 0]:
+        raise DataError(f'{_few(empty)} hold no readable images; add some or remove the folder')
+    return files
 
 
 def cifar10_path(data: str | Path | None = None) -> Path:
@@ -96,7 +141,7 @@ def cifar10_path(data: str | Path | None = None) -> Path:
     if not path.exists(): raise DataError(f"{path} does not exist; pass --data with a CIFAR-10 folder or .tgz (or set CIFAR10_DIR)")
     if path.is_file(): path = extract_archive(path)
     root = _find_root(path)
-    check_layout(root)
+    image_files(root)  # checks layout and every image once (the scan is cached), before any run folder is made
     return root
 
 
@@ -117,10 +162,10 @@ class AlbumentationsTransform(DisplayedTransform):
 
 def _subset_items(n_per_class: int | None):
     def get_items(path: Path) -> list[Path]:
-        files = get_image_files(path, folders=['train', 'test'])
+        files = image_files(path)
         if n_per_class is None: return files
         keep, seen = [], {}
-        for f in sorted(files):
+        for f in files:
             key = (f.parent.parent.name, f.parent.name)
             if key[0] == 'test' or seen.get(key, 0) < n_per_class:
                 keep.append(f)

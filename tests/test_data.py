@@ -27,7 +27,7 @@ def test_archive_extracted_once(synth, tmp_path):
     arc = _tgz(synth, tmp_path / 'c.tgz')
     root = cifar10_path(arc)
     assert root.name == 'cifar10' and sorted(p.name for p in (root / 'train').iterdir()) == CLASSES
-    marker = root / 'train' / CLASSES[0] / 'seen'
+    marker = root / 'seen'
     marker.touch()
     assert cifar10_path(arc) == root and marker.exists()  # reused, not extracted again
 
@@ -70,7 +70,7 @@ def test_class_mismatch_and_empty_class(synth, tmp_path):
     shutil.rmtree(bad / 'test' / CLASSES[0])
     with pytest.raises(DataError, match='class folders differ'): cifar10_path(bad)
     (bad / 'test' / CLASSES[0]).mkdir()
-    with pytest.raises(DataError, match='holds no images'): cifar10_path(bad)
+    with pytest.raises(DataError, match='no readable images'): cifar10_path(bad)
 
 
 def test_augmentation_on_train_only(synth):
@@ -84,3 +84,33 @@ def test_augmentation_on_train_only(synth):
         want = raw[:, ::-1] if flipped else raw
         got = x[0].permute(1, 2, 0).float().numpy()
         assert np.abs(got - want).max() <= 1
+
+
+def test_bad_files_skipped_with_warning(synth, tmp_path):
+    root = shutil.copytree(synth, tmp_path / 'd')
+    cls = root / 'train' / CLASSES[1]
+    (cls / 'zero.png').write_bytes(b'')
+    (cls / 'trunc.png').write_bytes((cls / '0000.png').read_bytes()[:60])
+    (cls / 'notes.txt').write_text('not an image')
+    with pytest.warns(UserWarning, match='non-image files: .*notes.txt'):
+        with pytest.warns(UserWarning, match='skipping 2 unreadable images'):
+            dls = cifar_dls(cifar10_path(root), bs=8, workers=0)
+    names = {p.name for p in dls.train_ds.items}
+    assert 'zero.png' not in names and 'trunc.png' not in names and len(dls.train_ds) == 120
+    dls.train.one_batch()
+
+
+def test_image_modes_become_rgb(synth, tmp_path):
+    root = shutil.copytree(synth, tmp_path / 'd')
+    src = Image.open(root / 'train' / CLASSES[0] / '0000.png')
+    for mode in ('L', 'RGBA', 'P', 'I;16'):
+        src.convert('L' if mode == 'I;16' else mode).convert(mode).save(root / 'train' / CLASSES[0] / f'm_{mode[0]}.png')
+    dls = cifar_dls(cifar10_path(root), bs=200, workers=0)
+    x, y = dls.train.new(shuffle=False, drop_last=False).one_batch()
+    assert x.shape[1:] == (3, 32, 32) and len(dls.train_ds) == 124
+
+
+def test_wrong_size_refused(synth, tmp_path):
+    root = shutil.copytree(synth, tmp_path / 'd')
+    Image.new('RGB', (64, 48)).save(root / 'test' / CLASSES[2] / 'big.png')
+    with pytest.raises(DataError, match='not 32x32 .*big.png.*resize'): cifar10_path(root)

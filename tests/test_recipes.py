@@ -62,3 +62,12 @@ def test_real_data_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((out / 'metrics.json').read_text())
     assert m['n_test'] == 10_000 and m['test_accuracy'] > 0.15 and len(m['per_class_accuracy']) == 10
+
+
+def test_norm_all_writes_comparison(synth, tmp_path):
+    r = recipe('--norm', 'all', '--data', synth, '--epochs', 1, '--bs', 32, '--workers', 0, '--out', tmp_path)
+    assert r.returncode == 0, r.stderr
+    for n in ('bn', 'gn', 'ln'): assert (tmp_path / f's8_{n}' / 'metrics.json').exists()
+    table = (tmp_path / 's8_comparison.md').read_text()
+    assert table.count('| [s8_') == 3 and '48,034' in table and (tmp_path / 's8_comparison.png').stat().st_size
+    assert '| [s8_ln]' in r.stdout  # the table is printed too

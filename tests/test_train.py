@@ -86,3 +86,22 @@ def test_interrupted_run_resumes_to_the_same_epoch_count(synth, tmp_path, monkey
     h_full, h_cut = (pd.read_csv(tmp_path / d / 'history.csv') for d in ('full', 'cut'))
     assert h_cut.epoch.tolist() == [0, 1, 2, 3] and resumed['epochs'] == full['epochs'] == 4
     pd.testing.assert_frame_equal(h_full.iloc[:2].drop(columns='time'), h_cut.iloc[:2].drop(columns='time'))  # same seed
+
+
+def test_lr_find_picks_valley_and_saves_plot(synth, tmp_path):
+    m = run(S8, RunConfig('s8', norm='bn', epochs=1, bs=16, lr='find', workers=0, device='cpu', data=str(synth),
+                          out=str(tmp_path / 'run')))
+    cfg = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    assert cfg['lr'] == 'find' and isinstance(cfg['lr_used'], float) and 1e-7 < cfg['lr_used'] < 10
+    assert (tmp_path / 'run' / 'lr_find.png').stat().st_size > 1000 and m['epochs'] == 1
+
+
+def test_readme_table_from_run_folders(trained, tmp_path):
+    from cifar_fa.report import BEGIN, END, update_readme
+    _, out = trained
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'# x\n{BEGIN}\nold\n{END}\ntail\n')
+    update_readme(readme, [out])
+    text = readme.read_text()
+    acc = json.loads((out / 'metrics.json').read_text())['test_accuracy']
+    assert 'old' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')

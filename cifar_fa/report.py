@@ -1,0 +1,77 @@
+"""Tables and figures built from finished run folders: comparisons and the README results table."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+
+__all__ = ['load_runs', 'results_table', 'comparison_figure', 'write_comparison', 'update_readme']
+
+BEGIN, END = '<!-- results:begin -->', '<!-- results:end -->'
+
+
+def load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
+    """(folder, metrics, config) of each finished run folder, in the order given."""
+    return [(Path(d), json.loads((Path(d) / 'metrics.json').read_text()), json.loads((Path(d) / 'config.json').read_text()))
+            for d in run_dirs]
+
+
+def _command(cfg: dict) -> str:
+    argv = cfg.get('argv') or []
+    script = Path(argv[0]).name if argv else f"{cfg['recipe']}.py"
+    return ' '.join([f'recipes/{script}', *[a for a in argv[1:] if not a.startswith('--out')]])
+
+
+def results_table(run_dirs: list[Path]) -> str:
+    """Markdown table of the runs: command, params, epochs, train and test accuracy, wall time, device."""
+    lines = ['| run | command | params | epochs | train acc | test acc | wall time | device |', '|---|---|---|---|---|---|---|---|']
+    for d, m, cfg in load_runs(run_dirs):
+        note = ' (outside the assignment)' if m.get('outside_assignment') else ''
+        subset = f", {m['subset']} train images/class" if m.get('subset') else ''
+        lines.append(f"| [{d.name}]({d.as_posix()}/) | `{_command(cfg)}` | {m['params']:,} | {m['epochs']}{subset}{note} | "
+                     f"{100 * m['train_accuracy']:.2f} % | **{100 * m['test_accuracy']:.2f} %** | "
+                     f"{m['wall_seconds'] / 60:.1f} min | {m['device']} |")
+    return '\n'.join(lines)
+
+
+def comparison_figure(run_dirs: list[Path], title: str) -> matplotlib.figure.Figure:
+    """Test accuracy per epoch of each run, one line per run."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for d, m, _ in load_runs(run_dirs):
+        h = pd.read_csv(d / 'history.csv')
+        ax.plot(h.epoch + 1, 100 * h.valid_accuracy, '-o', ms=3, label=f"{m['norm']} ({100 * m['test_accuracy']:.2f} %)")
+    ax.set(xlabel='epoch', ylabel='test accuracy (%)', title=title)
+    ax.grid(alpha=.3)
+    ax.legend()
+    return fig
+
+
+def write_comparison(run_dirs: list[Path], out: Path, title: str) -> str:
+    """Write `out`.md (table) and `out`.png (test-accuracy curves); return the table."""
+    table = results_table(run_dirs)
+    Path(out).with_suffix('.md').write_text(f'# {title}\n\n{table}\n\n![test accuracy]({Path(out).name}.png)\n')
+    comparison_figure(run_dirs, title).savefig(Path(out).with_suffix('.png'), dpi=110, bbox_inches='tight')
+    plt.close('all')
+    return table
+
+
+def update_readme(readme: Path, run_dirs: list[Path]) -> None:
+    """Replace the table between the results markers in `readme` with one generated from `run_dirs`."""
+    text = Path(readme).read_text()
+    if BEGIN not in text or END not in text: raise ValueError(f'{readme} has no {BEGIN} ... {END} block')
+    new = re.sub(f'{re.escape(BEGIN)}.*?{re.escape(END)}', lambda _: f'{BEGIN}\n{results_table(run_dirs)}\n{END}',
+                 text, flags=re.S)
+    Path(readme).write_text(new)
+
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description="Regenerate README.md's results table from run folders.")
+    p.add_argument('runs', nargs='*', default=None, help='run folders (default: results/*/ with a metrics.json)')
+    p.add_argument('--readme', default='README.md')
+    a = p.parse_args()
+    update_readme(Path(a.readme), [Path(r) for r in a.runs] or sorted(p.parent for p in Path('results').glob('*/metrics.json')))
