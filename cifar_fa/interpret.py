@@ -1,6 +1,7 @@
 """Review figures and test-set metrics for a trained Learner: curves, misclassified grid, top losses, confusion."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -9,10 +10,11 @@ import pandas as pd
 import torch
 import fastai.vision.learner  # noqa: F401 (registers plot_top_losses for images)
 from fastai.interpret import ClassificationInterpretation
-from fastai.learner import Learner
+from fastai.data.load import DataLoader
+from fastai.learner import Learner, load_learner
 from fastai.torch_core import show_image
 
-__all__ = ['plot_curves', 'plot_misclassified', 'review']
+__all__ = ['plot_curves', 'plot_misclassified', 'review', 'load_run', 'review_run', 'predict_image']
 
 
 def _save(fig: matplotlib.figure.Figure, path: Path) -> None:
@@ -50,10 +52,10 @@ def plot_misclassified(interp: ClassificationInterpretation, probs: torch.Tensor
     return fig
 
 
-def review(learn: Learner, out: Path, title: str, k: int = 9) -> dict:
-    """Write top_losses.png, misclassified.png and confusion.png for the test split; return its metrics."""
+def review(learn: Learner, out: Path, title: str, k: int = 9, dl: DataLoader | None = None) -> dict:
+    """Write top_losses.png, misclassified.png and confusion.png for `dl` (default: the test split); return its metrics."""
     out = Path(out)
-    interp = ClassificationInterpretation.from_learner(learn)
+    interp = ClassificationInterpretation.from_learner(learn, dl=dl)
     probs, targs = learn.get_preds(dl=interp.dl)
     correct = probs.argmax(1) == targs
     per_class = {c: float(correct[targs == i].float().mean()) for i, c in enumerate(interp.vocab) if (targs == i).any()}
@@ -65,3 +67,37 @@ def review(learn: Learner, out: Path, title: str, k: int = 9) -> dict:
     confused = [(a, b, int(n)) for a, b, n in interp.most_confused(min_val=1)[:10]]
     return dict(test_accuracy=float(correct.float().mean()), n_test=len(targs), per_class_accuracy=per_class,
                 most_confused=confused)
+
+
+def load_run(run_dir: Path, weights: Path | None = None, data: str | None = None) -> Learner:
+    """The Learner of a finished run: unpickled from its model.pkl (runs code from it: trusted folders only), or,
+    with `weights`, rebuilt from its config.json with plain weights loaded by `learn.load` (no code is run)."""
+    run_dir = Path(run_dir)
+    if weights is None: return load_learner(run_dir / 'model.pkl')
+    from .constraints import Constraints
+    from .train import Recipe, RunConfig, build_learner
+    cfg = json.loads((run_dir / 'config.json').read_text())
+    recipe = Recipe(cfg['recipe'], cfg['spec'], augs=(), constraints=Constraints())
+    run_cfg = RunConfig(cfg['recipe'], norm=cfg['norm'], bs=cfg['bs'], workers=cfg['workers'], device=cfg['device'],
+                        data=data or cfg['data_path'], outside_assignment=True)
+    learn = build_learner(recipe, run_cfg)
+    learn.load(Path(weights).resolve().with_suffix(''), with_opt=False)
+    return learn
+
+
+def review_run(run_dir: Path, k: int = 16, data: str | None = None, weights: Path | None = None) -> dict:
+    """(Re)write the review figures of a finished run on the test split; return its metrics."""
+    from .data import cifar10_path, image_files
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / 'config.json').read_text())
+    learn = load_run(run_dir, weights, data)
+    tests = [f for f in image_files(cifar10_path(data or cfg['data_path'])) if f.parent.parent.name == 'test']
+    dl = learn.dls.test_dl(tests, with_labels=True)
+    with learn.no_bar(): return review(learn, run_dir, f"{cfg['recipe']} --norm {cfg['norm']}", k=k, dl=dl)
+
+
+def predict_image(learn: Learner, image: Path, top: int = 3) -> list[tuple[str, float]]:
+    """The `top` most probable classes of one image file, with their probabilities."""
+    with learn.no_bar(): _, _, probs = learn.predict(Path(image))
+    best = probs.topk(min(top, len(probs)))
+    return [(learn.dls.vocab[i], float(p)) for p, i in zip(best.values, best.indices)]

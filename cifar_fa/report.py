@@ -32,10 +32,11 @@ def results_table(run_dirs: list[Path]) -> str:
     lines = ['| run | command | params | epochs | train acc | test acc | wall time | device |', '|---|---|---|---|---|---|---|---|']
     for d, m, cfg in load_runs(run_dirs):
         note = ' (outside the assignment)' if m.get('outside_assignment') else ''
+        wall = f"{m['wall_seconds'] / 60:.1f} min" + (' (after resume)' if m.get('resumed') else '')
         subset = f", {m['subset']} train images/class" if m.get('subset') else ''
         lines.append(f"| [{d.name}]({d.as_posix()}/) | `{_command(cfg)}` | {m['params']:,} | {m['epochs']}{subset}{note} | "
                      f"{100 * m['train_accuracy']:.2f} % | **{100 * m['test_accuracy']:.2f} %** | "
-                     f"{m['wall_seconds'] / 60:.1f} min | {m['device']} |")
+                     f"{wall} | {m['device']} |")
     return '\n'.join(lines)
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import albumentations as A
 import fastai
-import matplotlib
+import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, summary, to_channelslast onto Learner)
@@ -151,9 +151,9 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     lr = prev.get('lr_used') if cfg.resume else cfg.lr
     if lr == 'find':
         lr = float(learn.lr_find().valley)
-        matplotlib.pyplot.gcf().savefig(out / 'lr_find.png', dpi=110)
-        matplotlib.pyplot.close('all')
-    config = dict(asdict(cfg), lr_used=lr, spec=recipe.spec, augs=[repr(a) for a in recipe.augs], data_path=str(learn.dls.path),
+        plt.gcf().savefig(out / 'lr_find.png', dpi=110)  # plot_lr_find(return_fig=True) returns None in fastai 2.8.12
+        plt.close('all')
+    config = dict(asdict(cfg), lr_used=lr, spec=recipe.spec, augs=[repr(a) for a in recipe.augs], data_path=str(data_path),
                   device_name=_device_name(device), versions=_versions(), argv=sys.argv)
     atomic_write(out / 'config.json', json.dumps(config, indent=2))
     summary = describe(recipe, model)
@@ -168,8 +168,9 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     metrics = dict(recipe=recipe.name, norm=cfg.norm, params=count_params(model), rf=total_rf(recipe.spec),
                    epochs=int(history.epoch.iloc[-1]) + 1, train_accuracy=float(history.train_accuracy.iloc[-1]),
                    **review(learn, out, title), epoch_seconds=int(_seconds(history.time).sum()), device=_device_name(device),
-                   data=str(learn.dls.path), subset=cfg.subset, outside_assignment=cfg.outside_assignment)
+                   data=str(data_path), subset=cfg.subset, outside_assignment=cfg.outside_assignment)
     learn.export('model.pkl')
-    metrics['wall_seconds'] = round(time.time() - t0, 1)  # this invocation: data, training, review and export
+    metrics['wall_seconds'] = round(time.time() - t0, 1)  # this invocation (after --resume: the resumed part only)
+    metrics['resumed'] = cfg.resume
     atomic_write(out / 'metrics.json', json.dumps(metrics, indent=2))
     return metrics

@@ -1,3 +1,4 @@
+import os
 import json
 import subprocess
 import sys
@@ -105,3 +106,21 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     text = readme.read_text()
     acc = json.loads((out / 'metrics.json').read_text())['test_accuracy']
     assert 'old' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')
+
+
+def test_review_script(trained, synth, tmp_path):
+    metrics, out = trained
+    before = {f: (out / f).stat().st_mtime_ns for f in ('top_losses.png', 'misclassified.png', 'confusion.png')}
+    env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+    review = [sys.executable, str(ROOT / 'recipes' / 'review.py'), str(out)]
+    r = subprocess.run([*review, '--k', '4'], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"{100 * metrics['test_accuracy']:.2f} %" in r.stdout and CLASSES[9] in r.stdout
+    assert all((out / f).stat().st_mtime_ns > t for f, t in before.items())
+    img = tmp_path / 'odd.png'
+    Image.open(sorted((synth / 'test' / CLASSES[5]).iterdir())[0]).convert('L').resize((48, 40)).save(img)
+    for extra in ([], ["--weights", str(out / "checkpoints" / "last.pth")]):
+        r = subprocess.run([*review, '--image', str(img), *extra], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        rows = [l.split() for l in r.stdout.strip().splitlines()]
+        assert len(rows) == 3 and all(c in CLASSES and 0 <= float(p) <= 1 for c, p in rows)
