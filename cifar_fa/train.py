@@ -170,6 +170,7 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
                    **review(learn, out, title), epoch_seconds=int(_seconds(history.time).sum()), device=_device_name(device),
                    data=str(data_path), subset=cfg.subset, outside_assignment=cfg.outside_assignment)
     learn.export('model.pkl')
+    learn.save((out / 'model').resolve(), with_opt=False)  # plain weights: loading them runs no code
     metrics['wall_seconds'] = round(time.time() - t0, 1)  # this invocation (after --resume: the resumed part only)
     metrics['resumed'] = cfg.resume
     atomic_write(out / 'metrics.json', json.dumps(metrics, indent=2))

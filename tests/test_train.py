@@ -14,7 +14,7 @@ from conftest import CLASSES, ROOT
 from s8_norms import RECIPE as S8
 
 ARTIFACTS = ['config.json', 'summary.txt', 'history.csv', 'curves.png', 'misclassified.png', 'top_losses.png',
-             'confusion.png', 'metrics.json', 'model.pkl']
+             'confusion.png', 'metrics.json', 'model.pkl', 'model.pth']
 
 
 @pytest.fixture(scope='module')
@@ -119,7 +119,7 @@ def test_review_script(trained, synth, tmp_path):
     assert all((out / f).stat().st_mtime_ns > t for f, t in before.items())
     img = tmp_path / 'odd.png'
     Image.open(sorted((synth / 'test' / CLASSES[5]).iterdir())[0]).convert('L').resize((48, 40)).save(img)
-    for extra in ([], ["--weights", str(out / "checkpoints" / "last.pth")]):
+    for extra in ([], ["--weights", str(out / "model.pth")]):
         r = subprocess.run([*review, '--image', str(img), *extra], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
         rows = [l.split() for l in r.stdout.strip().splitlines()]
