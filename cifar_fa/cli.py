@@ -6,11 +6,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from .callbacks import DivergedError
 from .constraints import ConstraintError
 from .data import DataError
 from .layers import NORMS
 from .report import write_comparison
-from .callbacks import DivergedError
 from .train import Recipe, RunConfig, RunError, build_model, describe, run
 
 __all__ = ['parser', 'config_from_args', 'main']

@@ -1,7 +1,7 @@
 """S8: one skeleton, three normalizations (bn, gn, ln), < 50,000 parameters, <= 20 epochs."""
 import albumentations as A
 
-from cifar_fa import CIFAR_MEAN_RGB, Constraints, Recipe, main
+from cifar_fa import Constraints, Recipe, main
 
 # C = 3x3 conv, c = 1x1 conv, P = 2x2 max-pool; `C5:28+C3` adds C3's output to C5's ("add one layer to another")
 SPEC = 'C1:16 C2:32 c3:16 P1 C3:28 C4:28 C5:28+C3 c6:16 P2 C7:32 C8:32 C9:32+C7 GAP C10'
