@@ -17,7 +17,7 @@ def rf_table(spec: str, size: int = 32) -> pd.DataFrame:
         k, p, s, d = (n, 0, 1, 1) if l.kind == 'gap' else (l.ks, l.padding, l.stride, l.dilation)
         k_eff = d * (k - 1) + 1
         n_out = (n + 2 * p - k_eff) // s + 1
-        rf, n_in, n, jump_in, jump = rf + (k_eff - 1) * jump, n, n_out, jump, jump * s
+        rf, n_in, n, jump = rf + (k_eff - 1) * jump, n, n_out, jump * s
         if l.add and sizes[l.add] != n_out:
             raise ValueError(f"spec layer {l.name} ({n_out}x{n_out}) cannot add {l.add} ({sizes[l.add]}x{sizes[l.add]})")
         sizes[l.name] = n_out
