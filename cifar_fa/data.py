@@ -24,8 +24,10 @@ from fastai.vision.core import PILImage
 from fastai.vision.data import ImageBlock
 from fasttransform import DisplayedTransform
 
+from .callbacks import atomic_write
+
 __all__ = ['DataError', 'CIFAR_STATS', 'CIFAR_MEAN_RGB', 'cifar10_path', 'extract_archive', 'check_layout',
-           'image_files', 'AlbumentationsTransform', 'cifar_block', 'cifar_dls', 'cache_dir']
+           'image_files', 'DecodedImages', 'AlbumentationsTransform', 'CifarDataLoaders', 'cifar_block', 'cifar_dls', 'cache_dir']
 
 IMAGE_EXTS = set(image_extensions)
 CIFAR_STATS = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])  # per-channel mean, std of the training split
@@ -87,48 +89,78 @@ def check_layout(root: Path) -> list[str]:
     return splits['train']
 
 
-def _few(paths: Sequence[Path], n: int = 3) -> str:
+def _few(paths: Sequence, n: int = 3) -> str:
     return ', '.join(map(str, paths[:n])) + (f' and {len(paths) - n} more' if len(paths) > n else '')
 
 
-def _unreadable(files: list[Path], size: int, root: Path) -> tuple[list[str], list[str]]:
-    """Files that do not decode, and files that are not `size`x`size`; rescanned when a class folder changes."""
-    dirs = sorted({f.parent for f in files})
-    key = hashlib.sha1(f'{root.resolve()}:{len(files)}:{size}:{[d.stat().st_mtime_ns for d in dirs]}'.encode()).hexdigest()[:16]
-    cached = cache_dir() / f'scan-{key}.json'
-    if cached.exists(): return tuple(json.loads(cached.read_text()))
-    bad, wrong = [], []
+def _decode(files: list[Path], size: int) -> tuple[list[str], list[str], np.ndarray]:
+    """Files that do not decode, files that are not `size`x`size`, and the RGB pixels of all the others."""
+    bad, wrong, pixels = [], [], []
     for f in files:
         try:
             with Image.open(f) as im:
-                im.load()
                 if im.size != (size, size): wrong.append(str(f))
+                else: pixels.append(np.asarray(im.convert('RGB')))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             bad.append(str(f))
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps([bad, wrong]))
-    return bad, wrong
+    return bad, wrong, np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+
+
+_SCANS: dict[str, tuple[list[Path], Path]] = {}  # this process's scans: warnings are given once
+
+
+def _scan(root: Path, size: int) -> tuple[list[Path], Path]:
+    """Readable images under `root` and the .npy holding them decoded; cached until a class folder changes."""
+    classes = check_layout(root)
+    dirs = [root / s / c for s in ('train', 'test') for c in classes]
+    key = hashlib.sha1(f'{root.resolve()}:{size}:{[(str(d), d.stat().st_mtime_ns) for d in dirs]}'.encode()).hexdigest()[:16]
+    if key in _SCANS: return _SCANS[key]
+    meta, npy = cache_dir() / f'images-{key}.json', cache_dir() / f'images-{key}.npy'
+    if not (meta.exists() and npy.exists()):
+        files, others = [], []
+        for d in dirs:
+            for name in sorted(os.listdir(d)):
+                (files if os.path.splitext(name)[1].lower() in IMAGE_EXTS else others).append(d / name)
+        bad, wrong, pixels = _decode(files, size)
+        if wrong: raise DataError(f'{len(wrong)} images are not {size}x{size} ({_few(wrong)}); resize them to {size}x{size} or remove them')
+        skip = set(bad)
+        good = [str(f.relative_to(root)) for f in files if str(f) not in skip]
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp := npy.with_suffix(f'.{os.getpid()}.tmp'), 'wb') as fh: np.save(fh, pixels)
+        os.replace(tmp, npy)
+        atomic_write(meta, json.dumps(dict(files=good, bad=bad, others=[str(f) for f in others])))
+    info = json.loads(meta.read_text())
+    if info['others']: warnings.warn(f"ignoring {len(info['others'])} non-image files: {_few(info['others'])}")
+    if info['bad']: warnings.warn(f"skipping {len(info['bad'])} unreadable images: {_few(info['bad'])}")
+    files = [root / f for f in info['files']]
+    counts = {d: 0 for d in dirs}
+    for f in files: counts[f.parent] += 1
+    if empty := [d for d, n in counts.items() if n == 0]:
+        raise DataError(f'{_few(empty)} hold no readable images; add some or remove the folder')
+    _SCANS[key] = files, npy
+    return files, npy
 
 
 def image_files(root: Path, size: int = 32) -> list[Path]:
     """Decodable images under `root`/train and `root`/test; unreadable and non-image files are skipped with a warning."""
-    classes, files, others = check_layout(root), [], []
-    for s in ('train', 'test'):
-        for c in classes:
-            for name in sorted(os.listdir(root / s / c)):
-                (files if os.path.splitext(name)[1].lower() in IMAGE_EXTS else others).append(root / s / c / name)
-    if others: warnings.warn(f'ignoring {len(others)} non-image files: {_few(others)}')
-    bad, wrong = _unreadable(files, size, root)
-    if wrong: raise DataError(f'{len(wrong)} images are not {size}x{size} ({_few(wrong)}); resize them to {size}x{size} or remove them')
-    if bad:
-        warnings.warn(f'skipping {len(bad)} unreadable images: {_few(bad)}')
-        skip = set(bad)
-        files = [f for f in files if str(f) not in skip]
-    counts = {(s, c): 0 for s in ('train', 'test') for c in classes}
-    for f in files: counts[f.parent.parent.name, f.parent.name] += 1
-    if empty := [root / s / c for (s, c), n in counts.items() if n == 0]:
-        raise DataError(f'{_few(empty)} hold no readable images; add some or remove the folder')
-    return files
+    return _scan(root, size)[0]
+
+
+class DecodedImages:
+    """`get_x` reading an image file's pixels from the decoded cache of its folder; other items pass through unchanged."""
+
+    def __init__(self, root: Path, size: int = 32):
+        files, self.npy = _scan(root, size)
+        self.index, self._pixels = {str(f): i for i, f in enumerate(files)}, None
+
+    def __call__(self, item):
+        i = self.index.get(str(item)) if isinstance(item, (str, Path)) else None
+        if i is None: return item  # PILImage.create opens it: predict on new files, exported learners
+        if self._pixels is None: self._pixels = np.load(self.npy, mmap_mode='r')  # opened once per worker, pages shared
+        return np.array(self._pixels[i])
+
+    def __getstate__(self) -> dict:
+        return dict(npy=self.npy, index={}, _pixels=None)  # keep model.pkl small: an exported learner reads files
 
 
 def cifar10_path(data: str | Path | None = None) -> Path:
@@ -174,16 +206,30 @@ def _subset_items(n_per_class: int | None):
     return get_items
 
 
-def cifar_block(augs: Sequence[A.BasicTransform] = (), n_per_class: int | None = None) -> DataBlock:
+def cifar_block(augs: Sequence[A.BasicTransform] = (), n_per_class: int | None = None,
+                images: DecodedImages | None = None) -> DataBlock:
     """DataBlock for CIFAR-style folders: train/ vs test/ split, parent-folder labels, `augs` on train only."""
-    return DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=_subset_items(n_per_class),
+    return DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=_subset_items(n_per_class), get_x=images,
                      splitter=GrandparentSplitter(train_name='train', valid_name='test'), get_y=parent_label,
                      item_tfms=AlbumentationsTransform(augs) if augs else None,
                      batch_tfms=Normalize.from_stats(*CIFAR_STATS))
 
 
+class CifarDataLoaders(DataLoaders):
+    """fastai `DataLoaders` that say what they hold when shown (in Jupyter or the terminal)."""
+
+    def __repr__(self) -> str:
+        aug = next((t for t in self.train.after_item.fs if isinstance(t, AlbumentationsTransform)), None)
+        augs = ', '.join(type(t).__name__ for t in aug.aug.transforms) if aug else 'none'
+        return '\n'.join([f'{type(self).__name__}: {len(self.vocab)} classes ({", ".join(self.vocab)}) from {self.path}',
+                          *(f'  {name}: {len(dl.dataset):,} images, {len(dl)} batches of {dl.bs}'
+                            for name, dl in (('train', self.train), ('test ', self.valid))),
+                          f'  train-only albumentations: {augs}', f'  device: {self.device}'])
+
+
 def cifar_dls(path: Path, augs: Sequence[A.BasicTransform] = (), bs: int = 128, n_per_class: int | None = None,
-              workers: int | None = None, device=None) -> DataLoaders:
-    """Train/test `DataLoaders` for the CIFAR-style folder `path`."""
+              workers: int | None = None, device=None) -> CifarDataLoaders:
+    """Train/test `DataLoaders` for the CIFAR-style folder `path`, reading images from its decoded cache."""
     if workers is None: workers = min(4, os.cpu_count() or 1)
-    return cifar_block(augs, n_per_class).dataloaders(path, bs=bs, num_workers=workers, device=device)
+    dls = cifar_block(augs, n_per_class, DecodedImages(path)).dataloaders(path, bs=bs, num_workers=workers, device=device)
+    return CifarDataLoaders(*dls.loaders, path=dls.path, device=dls.device)

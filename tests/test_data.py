@@ -114,3 +114,33 @@ def test_wrong_size_refused(synth, tmp_path):
     root = shutil.copytree(synth, tmp_path / 'd')
     Image.new('RGB', (64, 48)).save(root / 'test' / CLASSES[2] / 'big.png')
     with pytest.raises(DataError, match='not 32x32 .*big.png.*resize'): cifar10_path(root)
+
+
+def test_decoded_cache_reused_until_a_folder_changes(synth, tmp_path, monkeypatch):
+    import cifar_fa.data as data
+    root = shutil.copytree(synth, tmp_path / 'd')
+    files = data.image_files(root)
+    npy = data.DecodedImages(root).npy
+    assert np.load(npy).shape == (len(files), 32, 32, 3)
+    monkeypatch.setattr(data, '_SCANS', {})
+    monkeypatch.setattr(data, '_decode', lambda *a: pytest.fail('decoded again although nothing changed'))
+    assert data.image_files(root) == files
+    Image.open(root / 'train' / CLASSES[0] / '0000.png').save(root / 'train' / CLASSES[0] / 'new.png')
+    with pytest.raises(pytest.fail.Exception, match='decoded again'): data.image_files(root)
+
+
+def test_decoded_images_getter(synth):
+    import pickle
+    from cifar_fa.data import DecodedImages
+    get = DecodedImages(synth)
+    f = synth / 'test' / CLASSES[3] / '0001.png'
+    assert (get(f) == np.asarray(Image.open(f).convert('RGB'))).all()
+    other = Image.new('RGB', (32, 32))
+    assert get(other) is other and get('elsewhere.png') == 'elsewhere.png'  # new files are opened by PILImage.create
+    assert len(pickle.dumps(get)) < 1000 and pickle.loads(pickle.dumps(get))(f) == f  # exported learners stay small
+
+
+def test_dataloaders_say_what_they_hold(synth):
+    text = repr(cifar_dls(synth, [A.HorizontalFlip()], bs=8, workers=0))
+    assert 'train: 120 images, 15 batches of 8' in text and 'test : 40 images' in text
+    assert 'HorizontalFlip' in text and 'class9' in text
