@@ -11,7 +11,7 @@ from .constraints import ConstraintError
 from .data import DataError
 from .layers import NORMS
 from .report import write_comparison
-from .train import Recipe, RunConfig, RunError, build_model, describe, run
+from .train import OPTIMIZERS, Recipe, RunConfig, RunError, build_model, describe, run
 
 __all__ = ['parser', 'config_from_args', 'main']
 
@@ -39,8 +39,9 @@ def parser(recipe: Recipe) -> argparse.ArgumentParser:
                                                "else fastai's untar_data(URLs.CIFAR)")
     p.add_argument('--epochs', type=_positive(int), default=d['epochs'])
     p.add_argument('--bs', type=_positive(int), default=d['bs'], help='batch size')
+    p.add_argument('--opt', choices=list(OPTIMIZERS), default=d['opt'], help='optimizer')
     p.add_argument('--lr', type=_lr, default=d['lr'], help="max learning rate of the one cycle, or 'find'")
-    p.add_argument('--wd', type=float, default=d['wd'], help='weight decay (decoupled)')
+    p.add_argument('--wd', type=float, default=d['wd'], help='weight decay (adam: decoupled; sgd: L2)')
     p.add_argument('--dropout', type=float, default=d['dropout'])
     p.add_argument('--label-smoothing', type=float, default=d['label_smoothing'])
     p.add_argument('--seed', type=int, default=d['seed'])

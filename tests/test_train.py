@@ -124,3 +124,12 @@ def test_review_script(trained, synth, tmp_path):
         assert r.returncode == 0, r.stderr
         rows = [l.split() for l in r.stdout.strip().splitlines()]
         assert len(rows) == 3 and all(c in CLASSES and 0 <= float(p) <= 1 for c, p in rows)
+
+
+def test_sgd_keeps_momentum_and_uses_l2(synth):
+    cfg = RunConfig('s8', norm='bn', opt='sgd', lr=0.1, wd=5e-4, bs=16, workers=0, device='cpu', data=str(synth), subset=2)
+    learn = build_learner(S8, cfg)
+    learn.fit_one_cycle(1, cfg.lr)
+    conv = next(m.weight for m in learn.model.modules() if isinstance(m, nn.Conv2d))
+    assert 'grad_avg' in learn.opt.state[conv]  # fastai's SGD drops momentum unless built with some
+    assert [cb.__name__ for cb in learn.opt.cbs][0] == 'l2_reg' and learn.opt.hypers[0]['wd'] == 5e-4
