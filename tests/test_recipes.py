@@ -80,3 +80,19 @@ def test_epoch_cap_override_is_explicit():
     assert recipe('--epochs', 21, '--dry-run').returncode == 2
     r = recipe('--epochs', 21, '--outside-assignment', '--dry-run')
     assert r.returncode == 0 and 'constraints' in r.stdout
+
+
+def test_explore_notebook_runs(synth, monkeypatch):
+    nbformat, nbclient = pytest.importorskip('nbformat'), pytest.importorskip('nbclient')
+    nb = nbformat.read(ROOT / 'recipes' / 'explore.ipynb', as_version=4)
+    assert not any(c.get('outputs') for c in nb.cells), 'commit the notebook without outputs'
+    monkeypatch.setenv('CIFAR10_DIR', str(synth))
+    monkeypatch.setenv('EXPLORE_EPOCHS', '1')
+    monkeypatch.setenv('EXPLORE_SUBSET', '4')
+    monkeypatch.setenv('EXPLORE_BS', '8')
+    monkeypatch.setenv('MPLBACKEND', 'module://matplotlib_inline.backend_inline')  # inline figures, as in Jupyter
+    nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
+                            resources={'metadata': {'path': str(ROOT / 'recipes')}}).execute()
+    images = [o for c in nb.cells for o in c.get('outputs', []) if 'image/png' in o.get('data', {})]
+    assert len(images) >= 4  # show_batch, lr_find, top losses, confusion matrix
+    assert 'valley' in ''.join(o['data'].get('text/plain', '') for c in nb.cells for o in c.get('outputs', []) if 'data' in o)
