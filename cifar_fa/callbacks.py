@@ -4,13 +4,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from pathlib import Path
 
+import numpy as np
+import torch
 import torch.nn as nn
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
 
-__all__ = ['GroupNormLikeBN', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'StopOnNaN', 'atomic_write',
+__all__ = ['GroupNormLikeBN', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN', 'atomic_write',
            'DivergedError', 'last_epoch']
 
 
@@ -78,8 +81,48 @@ class ResumableCSVLogger(CSVLogger):
         else: self.old_logger(log)
 
 
+def epoch_state(learn) -> dict:
+    """What the next epoch depends on besides weights and optimizer: every RNG it draws from and the smoothed loss."""
+    v, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = dict(python=[v, list(mt), gauss], numpy=[name, keys.tolist(), pos, has_gauss, cached],
+                 torch=torch.get_rng_state().tolist(), dls=[list(dl.rng.getstate()[1]) for dl in learn.dls.loaders])
+    if torch.cuda.is_available(): state['cuda'] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    smooth = learn.recorder.smooth_loss
+    state['smooth_loss'] = [smooth.count, float(smooth.val)]  # the logged train_loss is a running average across epochs
+    return state
+
+
+def set_epoch_state(learn, state: dict) -> None:
+    """Restore what `epoch_state` saved."""
+    v, mt, gauss = state['python']
+    random.setstate((v, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state['torch'], dtype=torch.uint8))
+    for dl, mt in zip(learn.dls.loaders, state['dls']): dl.rng.setstate((3, tuple(mt), None))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state['cuda']])
+    smooth = learn.recorder.smooth_loss
+    smooth.count, smooth.val = state['smooth_loss'][0], torch.tensor(state['smooth_loss'][1])
+
+
+class EpochState(Callback):
+    """Make each epoch follow from the state at its start (`epoch_state`), restored from `state` on --resume."""
+    order = 71  # after SkipToEpoch, so the states are restored at the first epoch that really trains
+
+    def __init__(self, state: dict | None = None): self.state = state
+
+    def before_epoch(self):
+        if self.state is not None:
+            set_epoch_state(self.learn, self.state)
+            self.state = None
+        for tfm in self.dls.train.after_item.fs:  # augmentations reseed from `random` (workers are reseeded by fastai)
+            if hasattr(tfm, 'reseed'): tfm.reseed()
+
+
 class EpochCheckpoint(Callback):
-    """After each trained epoch, save model and optimizer to `model_dir/last.pth` and the epoch number, atomically."""
+    """After each trained epoch, save model, optimizer, epoch number and `epoch_state` to `model_dir/last.*`, atomically."""
     order = 65  # after the Recorder and the CSV logger have written the epoch
 
     def before_epoch(self): self.trained = False
@@ -89,7 +132,8 @@ class EpochCheckpoint(Callback):
         if not self.trained: return
         tmp = self.learn.save('last.tmp', with_opt=True)
         os.replace(tmp, tmp.with_name('last.pth'))
-        atomic_write(tmp.with_name('last.json'), json.dumps({'epoch': self.epoch, 'n_epoch': self.n_epoch}))
+        atomic_write(tmp.with_name('last.json'), json.dumps({'epoch': self.epoch, 'n_epoch': self.n_epoch,
+                                                             'state': epoch_state(self.learn)}))
 
 
 def last_epoch(model_dir: Path) -> int | None:

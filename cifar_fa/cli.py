@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -64,9 +65,14 @@ def config_from_args(recipe: Recipe, args: argparse.Namespace, **overrides) -> R
     return RunConfig(**{**kw, 'recipe': recipe.name, **overrides})
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
     """Parse `argv`, check the model and train it; errors become one line on stderr and exit status 2."""
     args = parser(recipe).parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` or a job scheduler: stop like Ctrl-C, keeping the checkpoints
     norms = list(NORMS) if args.norm == 'all' else [args.norm]
     parent = Path(args.out or 'runs') if args.norm == 'all' else None
     cfgs = [config_from_args(recipe, args, norm=n, **({'out': str(parent / f'{recipe.name}_{n}')} if parent else {}))

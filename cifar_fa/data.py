@@ -185,6 +185,10 @@ class AlbumentationsTransform(DisplayedTransform):
         super().__init__()
         self.aug, self._seeded_in = aug if isinstance(aug, A.BaseCompose) else A.Compose(list(aug)), None
 
+    def reseed(self) -> None:
+        """Draw a new albumentations seed from Python's `random` at the next image (called at each epoch start)."""
+        self._seeded_in = None
+
     def encodes(self, img: PILImage) -> PILImage:
         if self._seeded_in != os.getpid():  # albumentations seeds itself from the OS; follow fastai's seeded `random`
             self.aug.set_random_seed(random.getrandbits(32))

@@ -24,8 +24,8 @@ from fastai.metrics import accuracy
 from fastai.optimizer import SGD, Adam
 from fastai.torch_core import set_seed
 
-from .callbacks import (EpochCheckpoint, GroupNormLikeBN, PlainProgress, ResumableCSVLogger, StopOnNaN, atomic_write,
-                        last_epoch)
+from .callbacks import (EpochCheckpoint, EpochState, GroupNormLikeBN, PlainProgress, ResumableCSVLogger, StopOnNaN,
+                        atomic_write, last_epoch)
 from .constraints import Constraints
 from .data import cifar10_path, cifar_dls
 from .interpret import plot_curves, review
@@ -150,8 +150,10 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     if not sys.stdout.isatty(): learn.remove_cb(ProgressCallback).add_cb(PlainProgress())  # bars garble log files
     device = learn.dls.device
     start = last_epoch(out / 'checkpoints') + 1 if cfg.resume else 0
+    state = None
     if cfg.resume:
         learn.load('last', with_opt=True)
+        state = json.loads((out / 'checkpoints' / 'last.json').read_text()).get('state')
         hist = pd.read_csv(out / 'history.csv')  # drop any row logged after the checkpoint was taken
         atomic_write(out / 'history.csv', hist[hist.epoch < start].to_csv(index=False))
     prev = json.loads((out / 'config.json').read_text()) if cfg.resume else {}
@@ -166,7 +168,7 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     summary = describe(recipe, model)
     atomic_write(out / 'summary.txt', f'{summary}\n{learn.summary()}\n')
     csv = ResumableCSVLogger('history.csv', append=cfg.resume)
-    try: learn.fit_one_cycle(cfg.epochs, lr, start_epoch=start, cbs=[csv, EpochCheckpoint()])
+    try: learn.fit_one_cycle(cfg.epochs, lr, start_epoch=start, cbs=[csv, EpochCheckpoint(), EpochState(state)])
     finally:
         if hasattr(csv, 'file'): csv.file.close()  # an interrupted fit never reaches CSVLogger.after_fit
     history = pd.read_csv(out / 'history.csv')

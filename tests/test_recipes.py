@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -35,6 +37,21 @@ def test_end_to_end_run(synth, tmp_path):
     assert m['norm'] == 'ln' and m['epochs'] == 2 and (out / 'model.pkl').exists()
     again = recipe('--norm', 'ln', '--data', synth, '--epochs', 2, '--out', out)
     assert again.returncode == 2 and 'already holds a run' in again.stderr and 'Traceback' not in again.stderr
+
+
+def test_sigterm_leaves_a_resumable_run(synth, tmp_path):
+    out, args = tmp_path / 'run', ['--data', synth, '--epochs', 8, '--bs', 4, '--workers', 0]
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'MPLBACKEND': 'Agg'}
+    p = subprocess.Popen([sys.executable, S8, *map(str, args), '--out', str(out)], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not (out / 'checkpoints' / 'last.json').exists() and p.poll() is None: time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130 and '--resume' in err and 'Traceback' not in err
+    assert not (out / 'metrics.json').exists()
+    r = recipe(*args, '--out', out, '--resume')
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / 'metrics.json').read_text())['epochs'] == 8
 
 
 @pytest.mark.parametrize('args,msg', [
