@@ -20,6 +20,8 @@ class Constraints:
     min_rf: int | None = None  # RF must be strictly greater than this
     max_epochs: int | None = None
     skeleton: str | None = None  # layer names in order, e.g. 'C1 C2 c3 P1 ... GAP C10'
+    blocks: str | None = None  # blocks in order up to GAP, e.g. 'C1 P1 C2 P2 C3 P3 C4 GAP' (C1a C1b c1c -> C1)
+    block_convs: int | None = None  # conv layers every block must hold
     need_dilated: bool = False
     need_separable: bool = False
     need_gap: bool = True
@@ -30,6 +32,16 @@ class Constraints:
         names = ' '.join(l.name for l in layers)
         if self.skeleton and names != self.skeleton:
             raise ConstraintError(f"the model's layers are '{names}', but the assignment's skeleton is '{self.skeleton}'")
+        if self.blocks:
+            seq = [l.block for l in layers if l.kind != 'head']
+            seq = ' '.join(b for i, b in enumerate(seq) if i == 0 or b != seq[i - 1])
+            if seq != self.blocks or not any(l.kind == 'head' for l in layers):
+                raise ConstraintError(f"the model's blocks are '{seq}' then {'a' if seq != self.blocks else 'no'} head, "
+                                      f"but the assignment needs '{self.blocks}' then a 1x1 conv to the classes")
+        if self.block_convs is not None:
+            for b in sorted({l.block for l in layers if l.kind == 'conv'}):
+                if (k := sum(l.block == b for l in layers if l.kind == 'conv')) != self.block_convs:
+                    raise ConstraintError(f"block {b} has {k} conv layers; the assignment needs {self.block_convs} in every block")
         if self.max_params is not None and n >= self.max_params:
             raise ConstraintError(f"the model has {n:,} parameters; the assignment allows fewer than {self.max_params:,}: narrow some layers")
         if self.min_rf is not None and (rf := total_rf(model.spec)) <= self.min_rf:

@@ -11,7 +11,7 @@ from .layers import ConvBlock, norm_layer
 
 __all__ = ['LayerSpec', 'parse_spec', 'SpecNet', 'count_params']
 
-_TOKEN = re.compile(r'^(?P<name>[A-Za-z]+\d*)(?::(?P<nf>\d+))?(?P<opts>(?:/(?:d\d+|s\d+|k\d+|dw))*)(?:\+(?P<add>\w+))?$')
+_TOKEN = re.compile(r'^(?P<name>[A-Za-z]+\d*[a-z]?)(?::(?P<nf>\d+))?(?P<opts>(?:/(?:d\d+|s\d+|k\d+|dw))*)(?:\+(?P<add>\w+))?$')
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,11 @@ class LayerSpec:
     @property
     def padding(self) -> int: return self.dilation * (self.ks - 1) // 2 if self.kind == 'conv' else 0
 
+    @property
+    def block(self) -> str:
+        """The block a conv belongs to by its name (`C2a`, `c2b` -> `C2`); other layers are their own block."""
+        return re.match(r'[A-Za-z]+\d*', self.name)[0].capitalize() if self.kind == 'conv' else self.name
+
 
 def _parse_token(tok: str, after_gap: bool) -> LayerSpec:
     m = _TOKEN.match(tok)
@@ -36,9 +41,9 @@ def _parse_token(tok: str, after_gap: bool) -> LayerSpec:
     name, nf, add = m['name'], m['nf'] and int(m['nf']), m['add']
     opts = [o for o in m['opts'].split('/') if o]
     if name == 'GAP': return LayerSpec(name, 'gap')
+    if after_gap: return LayerSpec(name, 'head', nf=nf, ks=1)  # any name: the 1x1 conv to the classes
     if name[0] == 'P': return LayerSpec(name, 'pool', ks=2, stride=2)
     if name[0] not in 'Cc': raise ValueError(f"spec token {tok!r}: layers are C (3x3 conv), c (1x1 conv), P (max-pool) or GAP")
-    if after_gap: return LayerSpec(name, 'head', nf=nf, ks=1)
     if nf is None: raise ValueError(f"spec token {tok!r} needs a width, e.g. {name}:32")
     kw = dict(ks=3 if name[0] == 'C' else 1)
     for o in opts:
@@ -48,7 +53,9 @@ def _parse_token(tok: str, after_gap: bool) -> LayerSpec:
 
 
 def parse_spec(spec: str) -> list[LayerSpec]:
-    """Parse a spec such as `'C1:16 C2:32 c3:16 P1 C3:32 C4:32 C5:32+C3 GAP C10'` into layers."""
+    """Parse a spec such as `'C1:16 C2:32 c3:16 P1 C3:32 C4:32 C5:32+C3 GAP C10'` into layers.
+
+    A trailing lower-case letter groups convs into blocks: `C1a:32 C1b:64 c1c:32` is block C1."""
     layers: list[LayerSpec] = []
     for tok in spec.split():
         layers.append(_parse_token(tok, after_gap=any(l.kind == 'gap' for l in layers)))

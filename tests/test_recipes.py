@@ -113,3 +113,35 @@ def test_explore_notebook_runs(synth, monkeypatch):
     images = [o for c in nb.cells for o in c.get('outputs', []) if 'image/png' in o.get('data', {})]
     assert len(images) >= 4  # show_batch, lr_find, top losses, confusion matrix
     assert 'valley' in ''.join(o['data'].get('text/plain', '') for c in nb.cells for o in c.get('outputs', []) if 'data' in o)
+
+
+S7, S9 = (str(ROOT / 'recipes' / f) for f in ('s7_dilated_separable.py', 's9_augmented.py'))
+
+
+@pytest.mark.parametrize('script,params,limit', [(S7, '949,642', 1_000_000), (S9, '196,106', 200_000)])
+@pytest.mark.parametrize('norm', ['bn', 'gn', 'ln'])
+def test_s7_s9_dry_run(script, params, limit, norm):
+    r = recipe('--norm', norm, '--dry-run', script=script)
+    assert r.returncode == 0, r.stderr
+    assert f'parameters: {params}' in r.stdout and 'constraints: ok' in r.stdout
+
+
+def test_s9_epoch_cap():
+    r = recipe('--epochs', 41, '--dry-run', script=S9)
+    assert r.returncode == 2 and "cap of 40" in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_s9_cutout_is_one_16x16_hole_of_the_mean():
+    import copy
+    import albumentations as A
+    import numpy as np
+    from cifar_fa import CIFAR_MEAN_RGB
+    from s9_augmented import AUGS
+    cutout = copy.deepcopy(next(a for a in AUGS if isinstance(a, A.CoarseDropout)))
+    cutout.p = 1.
+    for seed in range(5):
+        cutout.set_random_seed(seed)
+        img = np.full((32, 32, 3), 7, np.uint8)
+        hole = np.all(cutout(image=img)['image'] == CIFAR_MEAN_RGB, axis=-1)
+        ys, xs = np.nonzero(hole)
+        assert hole.sum() == 256 and np.ptp(ys) == 15 and np.ptp(xs) == 15  # one filled 16x16 square

@@ -34,3 +34,20 @@ def test_constraint_violations(kw, msg):
 def test_constraints_pass():
     Constraints(max_params=100_000, min_rf=15, need_dilated=True, need_separable=True, max_epochs=20).check(
         SpecNet('C1:16 P1 C2:32/d2 C3:32/dw GAP C4', 'bn'), epochs=20)
+
+
+@pytest.mark.parametrize('spec,msg', [
+    ('C1a:8 C1b:8 C1c:8/s2 C2a:8 C2b:8/s2 GAP O', 'block C2 has 2 conv layers'),
+    ('C1a:8 C1b:8 C1c:8/s2 C2a:8 C2b:8 C2c:8 C3a:8 C3b:8 C3c:8 GAP O', "blocks are 'C1 C2 C3 GAP'"),
+    ('C1a:8 P1 C1b:8 C1c:8 C2a:8 C2b:8 C2c:8 GAP O', "blocks are 'C1 P1 C1 C2 GAP'"),
+    ('C1a:8 C1b:8 C1c:8 C2a:8 C2b:8 C2c:8 GAP', 'then no head'),
+])
+def test_block_constraints(spec, msg):
+    with pytest.raises(ConstraintError, match=msg):
+        Constraints(blocks='C1 C2 GAP', block_convs=3).check(SpecNet(spec, 'bn'))
+
+
+def test_blocks_from_names():
+    from cifar_fa.models import parse_spec
+    assert [l.block for l in parse_spec('C1a:8 c1b:8 P1 C2:8 GAP O')] == ['C1', 'C1', 'P1', 'C2', 'GAP', 'O']
+    Constraints(blocks='C1 P1 C2 GAP', block_convs=None).check(SpecNet('C1a:8 c1b:8 P1 C2:8 GAP O', 'bn'))

@@ -1,0 +1,27 @@
+"""S9: blocks C1 C2 C3 C4 of three convs each, then GAP and a 1x1 conv; < 200,000 parameters; albumentations."""
+import albumentations as A
+
+from cifar_fa import CIFAR_MEAN_RGB, Constraints, Recipe, main
+
+# each block ends by downsampling with a stride-2 conv (/s2) instead of max-pooling; /dw = depthwise-separable,
+# /d2 = dilation 2, +C2a adds C2a's output (a residual connection)
+SPEC = ('C1a:32 C1b:64 C1c:64/dw/s2 '
+        'C2a:96/dw C2b:96/dw+C2a C2c:128/dw/s2 '
+        'C3a:128/dw+C2c C3b:128/dw/d2+C3a C3c:160/dw/s2 '
+        'C4a:160/dw+C3c C4b:160/dw+C4a C4c:160/dw+C4b GAP O')
+
+AUGS = [
+    A.HorizontalFlip(),
+    A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-15, 15), border_mode=4, strict=True),  # ShiftScaleRotate
+    A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16), hole_width_range=(16, 16),
+                    fill=CIFAR_MEAN_RGB, strict=True),  # cutout: one 16x16 hole of the dataset's mean colour
+]
+
+HPARAMS = dict(norm='bn', epochs=40, bs=128, opt='sgd', lr=0.1, wd=5e-4, label_smoothing=0.1)
+
+RECIPE = Recipe('s9', SPEC, AUGS, defaults=HPARAMS, constraints=Constraints(
+    max_params=200_000, min_rf=44, max_epochs=40, blocks='C1 C2 C3 C4 GAP', block_convs=3,
+    need_dilated=True, need_separable=True))
+
+if __name__ == '__main__':
+    main(RECIPE)
