@@ -16,12 +16,13 @@ os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # albumentations otherwi
 import albumentations as A
 import numpy as np
 from PIL import Image
-from fastai.data.block import CategoryBlock, DataBlock
+import torch
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
-from fastai.data.transforms import GrandparentSplitter, image_extensions, parent_label
+from fastai.data.transforms import GrandparentSplitter, IntToFloatTensor, image_extensions, parent_label
+from fastai.torch_core import TensorImage
 from fastai.vision.augment import Normalize
-from fastai.vision.core import PILImage
-from fastai.vision.data import ImageBlock
+from fastai.vision.core import load_image
 from fasttransform import DisplayedTransform
 
 from .callbacks import atomic_write
@@ -155,7 +156,7 @@ class DecodedImages:
 
     def __call__(self, item):
         i = self.index.get(str(item)) if isinstance(item, (str, Path)) else None
-        if i is None: return item  # PILImage.create opens it: predict on new files, exported learners
+        if i is None: return item  # `rgb_array` opens it: predict on new files, exported learners
         if self._pixels is None: self._pixels = np.load(self.npy, mmap_mode='r')  # opened once per worker, pages shared
         return np.array(self._pixels[i])
 
@@ -189,11 +190,32 @@ class AlbumentationsTransform(DisplayedTransform):
         """Draw a new albumentations seed from Python's `random` at the next image (called at each epoch start)."""
         self._seeded_in = None
 
-    def encodes(self, img: PILImage) -> PILImage:
+    def encodes(self, img: np.ndarray) -> np.ndarray:
         if self._seeded_in != os.getpid():  # albumentations seeds itself from the OS; follow fastai's seeded `random`
             self.aug.set_random_seed(random.getrandbits(32))
             self._seeded_in = os.getpid()
-        return PILImage.create(self.aug(image=np.asarray(img))['image'])
+        return self.aug(image=img)['image']
+
+
+def rgb_array(item: Path | str | Image.Image | np.ndarray) -> np.ndarray:
+    """HWC uint8 RGB pixels of an image file, PIL image or array (as `DecodedImages` gives them)."""
+    if isinstance(item, np.ndarray): return item
+    if isinstance(item, Image.Image): return np.asarray(item.convert('RGB'))
+    try: return np.asarray(load_image(item, mode='RGB'))
+    except (OSError, SyntaxError, ValueError) as e: raise DataError(f'{item} is not a readable image ({e})') from None
+
+
+class ToTensorImage(DisplayedTransform):
+    """HWC uint8 array -> fastai `TensorImage` (CHW uint8), after the albumentations item transform."""
+    order = 5
+
+    def encodes(self, a: np.ndarray) -> TensorImage:
+        return TensorImage(torch.from_numpy(np.require(a, requirements=['C', 'W'])).permute(2, 0, 1))  # copies only if needed
+
+
+def ArrayImageBlock() -> TransformBlock:
+    """Like fastai's `ImageBlock`, but items stay numpy arrays until the tensor: no PIL round trip per image."""
+    return TransformBlock(type_tfms=rgb_array, item_tfms=ToTensorImage, batch_tfms=IntToFloatTensor)
 
 
 def _subset_items(n_per_class: int | None):
@@ -213,7 +235,7 @@ def _subset_items(n_per_class: int | None):
 def cifar_block(augs: Sequence[A.BasicTransform] = (), n_per_class: int | None = None,
                 images: DecodedImages | None = None) -> DataBlock:
     """DataBlock for CIFAR-style folders: train/ vs test/ split, parent-folder labels, `augs` on train only."""
-    return DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=_subset_items(n_per_class), get_x=images,
+    return DataBlock(blocks=(ArrayImageBlock, CategoryBlock), get_items=_subset_items(n_per_class), get_x=images,
                      splitter=GrandparentSplitter(train_name='train', valid_name='test'), get_y=parent_label,
                      item_tfms=AlbumentationsTransform(augs) if augs else None,
                      batch_tfms=Normalize.from_stats(*CIFAR_STATS))

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,3 +146,10 @@ def test_s9_cutout_is_one_16x16_hole_of_the_mean():
         hole = np.all(cutout(image=img)['image'] == CIFAR_MEAN_RGB, axis=-1)
         ys, xs = np.nonzero(hole)
         assert hole.sum() == 256 and np.ptp(ys) == 15 and np.ptp(xs) == 15  # one filled 16x16 square
+
+
+def test_benchmark_runs_on_a_tiny_input(synth):
+    r = recipe('--data', synth, '--batches', 2, '--bs', 8, '--workers', 0, script=ROOT / 'benchmarks' / 'bench.py')
+    assert r.returncode == 0, r.stderr
+    for figure in ('pipeline ratio', 'training time ratio', 'peak resident memory'):
+        assert re.search(rf'^{figure}.*\s[\d.]+$', r.stdout, re.M), r.stdout
