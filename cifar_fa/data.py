@@ -197,12 +197,13 @@ class AlbumentationsTransform(DisplayedTransform):
         return self.aug(image=img)['image']
 
 
-def rgb_array(item: Path | str | Image.Image | np.ndarray) -> np.ndarray:
-    """HWC uint8 RGB pixels of an image file, PIL image or array (as `DecodedImages` gives them)."""
-    if isinstance(item, np.ndarray): return item
-    if isinstance(item, Image.Image): return np.asarray(item.convert('RGB'))
-    try: return np.asarray(load_image(item, mode='RGB'))
+def rgb_array(item: Path | str | Image.Image | np.ndarray, size: int = 32) -> np.ndarray:
+    """HWC uint8 RGB pixels of an image file, PIL image or array (as `DecodedImages` gives them), `size`x`size`."""
+    if isinstance(item, np.ndarray) and item.shape == (size, size, 3): return item
+    try: img = Image.fromarray(item) if isinstance(item, np.ndarray) else item if isinstance(item, Image.Image) else load_image(item)
     except (OSError, SyntaxError, ValueError) as e: raise DataError(f'{item} is not a readable image ({e})') from None
+    if img.size != (size, size): img = img.resize((size, size), Image.BILINEAR)  # predict on any image; training data is checked
+    return np.asarray(img.convert('RGB'))
 
 
 class ToTensorImage(DisplayedTransform):

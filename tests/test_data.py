@@ -144,3 +144,13 @@ def test_dataloaders_say_what_they_hold(synth):
     text = repr(cifar_dls(synth, [A.HorizontalFlip()], bs=8, workers=0))
     assert 'train: 120 images, 15 batches of 8' in text and 'test : 40 images' in text
     assert 'HorizontalFlip' in text and 'class9' in text
+
+
+def test_rgb_array_takes_any_image(tmp_path):
+    from cifar_fa.data import rgb_array
+    Image.new('I;16', (48, 40)).save(tmp_path / 'odd.png')
+    for item in (tmp_path / 'odd.png', str(tmp_path / 'odd.png'), Image.new('RGBA', (20, 20)), np.zeros((32, 32), np.uint8)):
+        a = rgb_array(item)
+        assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    (tmp_path / 'bad.png').write_bytes(b'nope')
+    with pytest.raises(DataError, match='not a readable image'): rgb_array(tmp_path / 'bad.png')
