@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -21,20 +22,28 @@ def load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
             for d in run_dirs]
 
 
+_FLAGS = ('opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'dropout', 'seed', 'subset')
+
+
 def _command(cfg: dict) -> str:
+    """The recipe command with every training setting spelled out, so it reproduces the run whatever the defaults."""
     argv = cfg.get('argv') or []
     script = Path(argv[0]).name if argv else f"{cfg['recipe']}.py"
-    return ' '.join([f'recipes/{script}', *[a for a in argv[1:] if not a.startswith('--out')]])
+    hp = {**cfg, 'opt': cfg.get('opt', 'adam')}  # runs made before --opt existed used Adam
+    flags = [f"--{k.replace('_', '-')} {hp[k]:g}" if isinstance(hp[k], float) else f"--{k.replace('_', '-')} {hp[k]}"
+             for k in _FLAGS if hp.get(k) is not None]
+    extra = ['--outside-assignment'] if cfg.get('outside_assignment') else []
+    return ' '.join([f'recipes/{script}', f"--norm {cfg['norm']}", *flags, *extra])
 
 
-def results_table(run_dirs: list[Path]) -> str:
-    """Markdown table of the runs: command, params, epochs, train and test accuracy, wall time, device."""
+def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:
+    """Markdown table of the runs (linked relative to `base`): command, params, epochs, accuracies, wall time, device."""
     lines = ['| run | command | params | epochs | train acc | test acc | wall time | device |', '|---|---|---|---|---|---|---|---|']
     for d, m, cfg in load_runs(run_dirs):
         note = ' (outside the assignment)' if m.get('outside_assignment') else ''
         wall = f"{m['wall_seconds'] / 60:.1f} min" + (' (after resume)' if m.get('resumed') else '')
         subset = f", {m['subset']} train images/class" if m.get('subset') else ''
-        lines.append(f"| [{d.name}]({d.as_posix()}/) | `{_command(cfg)}` | {m['params']:,} | {m['epochs']}{subset}{note} | "
+        lines.append(f"| [{d.name}]({Path(os.path.relpath(d, base)).as_posix()}/) | `{_command(cfg)}` | {m['params']:,} | {m['epochs']}{subset}{note} | "
                      f"{100 * m['train_accuracy']:.2f} % | **{100 * m['test_accuracy']:.2f} %** | "
                      f"{wall} | {m['device']} |")
     return '\n'.join(lines)
@@ -54,7 +63,7 @@ def comparison_figure(run_dirs: list[Path], title: str) -> matplotlib.figure.Fig
 
 def write_comparison(run_dirs: list[Path], out: Path, title: str) -> str:
     """Write `out`.md (table) and `out`.png (test-accuracy curves); return the table."""
-    table = results_table(run_dirs)
+    table = results_table(run_dirs, Path(out).parent)
     Path(out).with_suffix('.md').write_text(f'# {title}\n\n{table}\n\n![test accuracy]({Path(out).name}.png)\n')
     comparison_figure(run_dirs, title).savefig(Path(out).with_suffix('.png'), dpi=110, bbox_inches='tight')
     plt.close('all')
@@ -71,8 +80,11 @@ def update_readme(readme: Path, run_dirs: list[Path]) -> None:
 
 
 if __name__ == '__main__':
-    p = argparse.ArgumentParser(description="Regenerate README.md's results table from run folders.")
+    p = argparse.ArgumentParser(description="Regenerate README.md's results table (or a comparison) from run folders.")
     p.add_argument('runs', nargs='*', default=None, help='run folders (default: results/*/ with a metrics.json)')
     p.add_argument('--readme', default='README.md')
+    p.add_argument('--comparison', metavar='OUT', help='write OUT.md and OUT.png comparing the runs instead')
     a = p.parse_args()
-    update_readme(Path(a.readme), [Path(r) for r in a.runs] or sorted(p.parent for p in Path('results').glob('*/metrics.json')))
+    runs = [Path(r) for r in a.runs] or sorted(p.parent for p in Path('results').glob('*/metrics.json'))
+    if a.comparison: print(write_comparison(runs, Path(a.comparison), f"{', '.join(d.name for d in runs)} compared"))
+    else: update_readme(Path(a.readme), runs)

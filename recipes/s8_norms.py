@@ -16,8 +16,10 @@ HPARAMS = dict(
     norm='bn',
     epochs=20,
     bs=128,
-    lr=1e-2,   # max learning rate of fit_one_cycle (Adam)
-    wd=1e-2,   # decoupled weight decay, none on norm weights and biases
+    opt='sgd',  # momentum SGD, cycled by fit_one_cycle
+    lr=0.1,     # max learning rate of the one cycle
+    wd=5e-4,    # L2 on conv weights, none on norm weights and biases
+    label_smoothing=0.1,
 )
 
 RECIPE = Recipe('s8', SPEC, AUGS, defaults=HPARAMS, constraints=Constraints(

@@ -92,6 +92,7 @@ def test_norm_all_writes_comparison(synth, tmp_path):
     table = (tmp_path / 's8_comparison.md').read_text()
     assert table.count('| [s8_') == 3 and '48,034' in table and (tmp_path / 's8_comparison.png').stat().st_size
     assert '| [s8_ln]' in r.stdout  # the table is printed too
+    assert '`recipes/s8_norms.py --norm gn --opt sgd --lr 0.1 --wd 0.0005 --bs 32 --epochs 1 ' in table
 
 
 def test_epoch_cap_override_is_explicit():

@@ -106,6 +106,7 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     text = readme.read_text()
     acc = json.loads((out / 'metrics.json').read_text())['test_accuracy']
     assert 'old' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')
+    assert '--norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 ' in text  # reproducible as is
 
 
 def test_review_script(trained, synth, tmp_path):
