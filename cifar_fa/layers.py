@@ -37,16 +37,14 @@ def is_norm(m: nn.Module) -> bool:
 class ConvBlock(nn.Sequential):
     """Conv (optionally dilated or depthwise-separable) -> norm -> ReLU -> dropout."""
     def __init__(self, ni: int, nf: int, ks: int = 3, stride: int = 1, dilation: int = 1, separable: bool = False,
-                 norm: Callable[[int], nn.Module] = _batch_norm, dropout: float = 0., zero_norm: bool = False):
+                 norm: Callable[[int], nn.Module] = _batch_norm, dropout: float = 0.):
         padding = dilation * (ks - 1) // 2
         if separable:
             convs = [nn.Conv2d(ni, ni, ks, stride, padding, dilation, groups=ni, bias=False),
                      nn.Conv2d(ni, nf, 1, bias=False)]
         else:
             convs = [nn.Conv2d(ni, nf, ks, stride, padding, dilation, bias=False)]
-        nrm = norm(nf)
-        if zero_norm: nn.init.zeros_(nrm.weight)  # a residual branch starts as the identity
-        layers = [*convs, nrm, nn.ReLU(inplace=True)]
+        layers = [*convs, norm(nf), nn.ReLU(inplace=True)]
         if dropout: layers.append(nn.Dropout2d(dropout))
         super().__init__(*layers)
         self.ks, self.stride, self.dilation, self.padding, self.separable = ks, stride, dilation, padding, separable

@@ -74,8 +74,7 @@ class SpecNet(nn.Module):
         make_norm, layers, width, shapes, specs = norm_layer(norm), {}, n_in, {}, parse_spec(spec)
         for l in specs:
             if l.kind == 'conv':
-                layers[l.name] = ConvBlock(width, l.nf, l.ks, l.stride, l.dilation, l.separable, make_norm,
-                                           dropout, zero_norm=l.add is not None)
+                layers[l.name] = ConvBlock(width, l.nf, l.ks, l.stride, l.dilation, l.separable, make_norm, dropout)
                 width = l.nf
             elif l.kind == 'pool': layers[l.name] = nn.MaxPool2d(2)
             elif l.kind == 'gap': layers[l.name] = nn.AdaptiveAvgPool2d(1)

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -54,13 +56,23 @@ def test_s8_params_same_for_every_norm():
     assert len({count_params(SpecNet(S8.spec, n)) for n in NORMS}) == 1
 
 
-def test_skip_branch_starts_as_identity():
+@pytest.mark.parametrize('recipe', ['s7_dilated_separable', 's8_norms', 's9_augmented'])
+@pytest.mark.parametrize('norm', ['bn', 'gn', 'ln'])
+def test_every_parameter_learns(recipe, norm):
+    """A branch whose output and gradient are exactly zero (e.g. a zero-initialised norm before a ReLU) never trains."""
+    spec = importlib.import_module(recipe).RECIPE.spec
+    model = SpecNet(spec, norm).train()
+    torch.nn.functional.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.arange(8)).backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not dead, f'no gradient reaches {dead}'
+
+
+def test_skip_adds_the_source():
     model = SpecNet('C1:8 C2:8 C3:8+C1 GAP C4', 'gn').eval()
     x = torch.randn(2, 3, 16, 16)
     c1 = model.layers['C1'](x)
     c3 = model.layers['C3'](model.layers['C2'](c1)) + c1
-    torch.testing.assert_close(c3, c1)  # C3's norm weight starts at zero
-    assert model(x).shape == (2, 10)
+    torch.testing.assert_close(model.layers['C4'](model.layers['GAP'](c3)).flatten(1), model(x))
 
 
 @pytest.mark.parametrize('spec,msg', [('C1 GAP C2', 'needs a width'), ('C1:8 X2:8', 'layers are'),
