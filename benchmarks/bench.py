@@ -12,6 +12,7 @@ import os
 import platform
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -76,6 +77,29 @@ def plain_steps(model: torch.nn.Module, loader, device: torch.device, lr: float,
     return time.perf_counter() - t
 
 
+def _pss_mb(pid: int) -> float:
+    """Proportional set size of `pid` in MB: its own pages plus its share of pages shared with other processes."""
+    for line in Path(f'/proc/{pid}/smaps_rollup').read_text().splitlines():
+        if line.startswith('Pss:'): return int(line.split()[1]) / 1024
+    return 0.
+
+
+class PeakMemory(threading.Thread):
+    """Samples the summed PSS of this process and its children (DataLoader workers) until stopped; keeps the peak."""
+
+    def __init__(self, every: float = 0.1):
+        super().__init__(daemon=True)
+        self.every, self.peak, self.done = every, 0., threading.Event()
+
+    def run(self):
+        me = os.getpid()
+        while not self.done.wait(self.every):
+            try:
+                kids = Path(f'/proc/{me}/task/{me}/children').read_text().split()
+                self.peak = max(self.peak, sum(_pss_mb(int(p)) for p in [me, *kids]))
+            except (OSError, ValueError): pass  # a worker exited between the listing and the read
+
+
 class TrainTime(Callback):
     """Seconds spent in the training phase of an epoch; validation is skipped."""
     def before_train(self): self.t = time.perf_counter()
@@ -107,8 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
                           drop_last=True, pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0)
     full_dls = cifar_dls(root, RECIPE.augs, bs=args.bs, workers=args.workers, device=device)
     ours, plain = pipeline_rate(full_dls.train, args.batches), pipeline_rate(plain_dl, args.batches)
-    timer = TrainTime()
+    timer, memory = TrainTime(), PeakMemory()
+    if Path('/proc/self/smaps_rollup').exists(): memory.start()  # Linux only
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, cfg.lr, cbs=timer)
+    memory.done.set()
     n_steps = len(learn.dls.train)
     plain_s = plain_steps(build_model(RECIPE, cfg), plain_dl, device, cfg.lr, n_steps)
     rows = {
@@ -124,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         'peak resident memory, main process + largest worker (MB)': round(sum(
             resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024),
     }
+    if memory.peak: rows['peak memory during the Learner epoch, summed PSS of main + workers (MB)'] = round(memory.peak)
     width = max(map(len, rows))
     for k, v in rows.items(): print(f'{k:<{width}}  {v}')
     return rows

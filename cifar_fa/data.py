@@ -18,12 +18,13 @@ import numpy as np
 from PIL import Image
 import torch
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
-from fastai.data.core import DataLoaders
+from fastai.data.core import DataLoaders, TfmdDL
+from fastai.data.load import fa_collate
 from fastai.data.transforms import GrandparentSplitter, IntToFloatTensor, image_extensions, parent_label
 from fastai.torch_core import TensorImage
 from fastai.vision.augment import Normalize
 from fastai.vision.core import load_image
-from fasttransform import DisplayedTransform
+from fasttransform import ItemTransform
 
 from .callbacks import atomic_write
 
@@ -178,8 +179,8 @@ def cifar10_path(data: str | Path | None = None) -> Path:
     return root
 
 
-class AlbumentationsTransform(DisplayedTransform):
-    """Apply an albumentations pipeline to training images only (`split_idx = 0`)."""
+class AlbumentationsTransform(ItemTransform):
+    """Apply an albumentations pipeline to the image of each training item only (`split_idx = 0`)."""
     split_idx, order = 0, 2
 
     def __init__(self, aug: A.BasicTransform | Sequence[A.BasicTransform]):
@@ -190,11 +191,12 @@ class AlbumentationsTransform(DisplayedTransform):
         """Draw a new albumentations seed from Python's `random` at the next image (called at each epoch start)."""
         self._seeded_in = None
 
-    def encodes(self, img: np.ndarray) -> np.ndarray:
+    def encodes(self, item: list) -> list:
+        # an ItemTransform gets [image, label, ...] at once: one dispatch per item instead of one per element
         if self._seeded_in != os.getpid():  # albumentations seeds itself from the OS; follow fastai's seeded `random`
             self.aug.set_random_seed(random.getrandbits(32))
             self._seeded_in = os.getpid()
-        return self.aug(image=img)['image']
+        return [self.aug(image=item[0])['image'], *item[1:]]
 
 
 def rgb_array(item: Path | str | Image.Image | np.ndarray, size: int = 32) -> np.ndarray:
@@ -206,17 +208,19 @@ def rgb_array(item: Path | str | Image.Image | np.ndarray, size: int = 32) -> np
     return np.asarray(img.convert('RGB'))
 
 
-class ToTensorImage(DisplayedTransform):
-    """HWC uint8 array -> fastai `TensorImage` (CHW uint8), after the albumentations item transform."""
-    order = 5
+class ArrayImageDL(TfmdDL):
+    """`TfmdDL` that stacks a batch's HWC uint8 image arrays into one `TensorImage` (NCHW view of NHWC memory)."""
 
-    def encodes(self, a: np.ndarray) -> TensorImage:
-        return TensorImage(torch.from_numpy(np.require(a, requirements=['C', 'W'])).permute(2, 0, 1))  # copies only if needed
+    def create_batch(self, b):
+        if self.prebatched or not isinstance(b[0][0], np.ndarray): return super().create_batch(b)
+        # one stack per batch instead of a tensor per image; the NHWC layout is what channels_last wants anyway
+        imgs = torch.from_numpy(np.stack([s[0] for s in b])).permute(0, 3, 1, 2).as_subclass(TensorImage)
+        return (imgs, *(fa_collate(list(col)) for col in zip(*(s[1:] for s in b))))
 
 
 def ArrayImageBlock() -> TransformBlock:
-    """Like fastai's `ImageBlock`, but items stay numpy arrays until the tensor: no PIL round trip per image."""
-    return TransformBlock(type_tfms=rgb_array, item_tfms=ToTensorImage, batch_tfms=IntToFloatTensor)
+    """Like fastai's `ImageBlock`, but images stay numpy arrays through the item transforms: no PIL round trip."""
+    return TransformBlock(type_tfms=rgb_array, batch_tfms=IntToFloatTensor, dl_type=ArrayImageDL)
 
 
 def _subset_items(n_per_class: int | None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import albumentations as A
 import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -14,7 +15,9 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner, load_learner
 from fastai.torch_core import show_image
 
-__all__ = ['plot_curves', 'plot_misclassified', 'review', 'load_run', 'review_run', 'predict_image']
+from .data import AlbumentationsTransform
+
+__all__ = ['plot_curves', 'plot_misclassified', 'review', 'flip_tta', 'load_run', 'review_run', 'predict_image']
 
 
 def _save(fig: matplotlib.figure.Figure, path: Path) -> None:
@@ -67,6 +70,14 @@ def review(learn: Learner, out: Path, title: str, k: int = 9, dl: DataLoader | N
     confused = [(a, b, int(n)) for a, b, n in interp.most_confused(min_val=1)[:10]]
     return dict(test_accuracy=float(correct.float().mean()), n_test=len(targs), per_class_accuracy=per_class,
                 most_confused=confused)
+
+
+def flip_tta(learn: Learner, dl: DataLoader | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test-set probabilities averaged (geometric mean) with those of the mirrored images, and the targets: `learn.tta`."""
+    dl = dl or learn.dls.valid
+    flip = AlbumentationsTransform([A.HorizontalFlip(p=1.)])
+    with learn.no_bar():  # tta rebuilds the loader from the transforms given: pass the batch ones on too
+        return learn.tta(dl=dl, n=1, item_tfms=flip, batch_tfms=list(dl.after_batch.fs), beta=0.5)
 
 
 def load_run(run_dir: Path, weights: Path | None = None, data: str | None = None) -> Learner:

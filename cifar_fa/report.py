@@ -43,8 +43,9 @@ def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:
         note = ' (outside the assignment)' if m.get('outside_assignment') else ''
         wall = f"{m['wall_seconds'] / 60:.1f} min" + (' (after resume)' if m.get('resumed') else '')
         subset = f", {m['subset']} train images/class" if m.get('subset') else ''
+        tta = f" (flip TTA: {100 * m['flip_tta_test_accuracy']:.2f} %)" if 'flip_tta_test_accuracy' in m else ''
         lines.append(f"| [{d.name}]({Path(os.path.relpath(d, base)).as_posix()}/) | `{_command(cfg)}` | {m['params']:,} | {m['epochs']}{subset}{note} | "
-                     f"{100 * m['train_accuracy']:.2f} % | **{100 * m['test_accuracy']:.2f} %** | "
+                     f"{100 * m['train_accuracy']:.2f} % | **{100 * m['test_accuracy']:.2f} %**{tta} | "
                      f"{wall} | {m['device']} |")
     return '\n'.join(lines)
 

@@ -28,7 +28,7 @@ from .callbacks import (EpochCheckpoint, EpochState, GroupNormLikeBN, PlainProgr
                         atomic_write, last_epoch)
 from .constraints import Constraints
 from .data import cifar10_path, cifar_dls
-from .interpret import plot_curves, review
+from .interpret import flip_tta, plot_curves, review
 from .models import SpecNet, count_params
 from .receptive_field import rf_table, total_rf
 
@@ -51,6 +51,7 @@ class Recipe:
     augs: Sequence[A.BasicTransform]
     constraints: Constraints
     defaults: dict = field(default_factory=dict)
+    tta: bool = False  # also report the test accuracy with flip test-time augmentation (never replaces the plain one)
 
 
 @dataclass
@@ -178,6 +179,9 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
                    epochs=int(history.epoch.iloc[-1]) + 1, train_accuracy=float(history.train_accuracy.iloc[-1]),
                    **review(learn, out, title), epoch_seconds=int(_seconds(history.time).sum()), device=_device_name(device),
                    data=str(data_path), subset=cfg.subset, outside_assignment=cfg.outside_assignment)
+    if recipe.tta:
+        probs, targs = flip_tta(learn)
+        metrics['flip_tta_test_accuracy'] = float((probs.argmax(1) == targs).float().mean())
     learn.export('model.pkl')
     learn.save((out / 'model').resolve(), with_opt=False)  # plain weights: loading them runs no code
     metrics['wall_seconds'] = round(time.time() - t0, 1)  # this invocation (after --resume: the resumed part only)

@@ -17,7 +17,7 @@ AUGS = [
 
 HPARAMS = dict(norm='bn', epochs=20, bs=128, opt='sgd', lr=0.1, wd=5e-4, label_smoothing=0.1)
 
-RECIPE = Recipe('s7', SPEC, AUGS, defaults=HPARAMS, constraints=Constraints(
+RECIPE = Recipe('s7', SPEC, AUGS, defaults=HPARAMS, tta=True, constraints=Constraints(
     max_params=1_000_000, min_rf=44, max_epochs=20, blocks='C1 P1 C2 P2 C3 P3 C4 GAP',
     need_dilated=True, need_separable=True))
 

@@ -5,6 +5,7 @@ import tarfile
 import albumentations as A
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cifar_fa import DataError, cifar10_path, cifar_dls
@@ -84,6 +85,16 @@ def test_augmentation_on_train_only(synth):
         want = raw[:, ::-1] if flipped else raw
         got = x[0].permute(1, 2, 0).float().numpy()
         assert np.abs(got - want).max() <= 1
+
+
+def test_batches_are_one_channels_last_tensor_image(synth):
+    from fastai.torch_core import TensorCategory, TensorImage
+    dls = cifar_dls(synth, [A.HorizontalFlip()], bs=8, workers=0)
+    for dl in (dls.train, dls.valid, dls.test_dl([synth / 'test' / CLASSES[0] / '0000.png'])):
+        b = dl.one_batch()
+        assert type(b[0]) is TensorImage and b[0].dtype == torch.float32 and b[0].shape[1:] == (3, 32, 32)
+        assert b[0].is_contiguous(memory_format=torch.channels_last)  # stacked HWC arrays: what to_channelslast wants
+    assert len(b) == 1 and type(dls.train.one_batch()[1]) is TensorCategory
 
 
 def test_bad_files_skipped_with_warning(synth, tmp_path):

@@ -1,3 +1,4 @@
+import importlib
 import json
 import os
 import re
@@ -21,12 +22,12 @@ def recipe(*args, script=S8, timeout=600):
                           timeout=timeout, cwd=ROOT)
 
 
-@pytest.mark.parametrize('norm', ['bn', 'gn', 'ln'])
-def test_dry_run(norm):
-    r = recipe('--norm', norm, '--dry-run', '--data', '/nonexistent')  # loads no data
+def test_dry_run():
+    r = recipe('--norm', 'all', '--dry-run', '--data', '/nonexistent')  # loads no data
     assert r.returncode == 0, r.stderr
-    assert 'parameters: 48,034' in r.stdout and 'constraints: ok' in r.stdout and 'n_out' in r.stdout
-    assert ('GroupNorm' in r.stdout) == (norm != 'bn')
+    summaries = r.stdout.split('SpecNet(')[1:]
+    assert len(summaries) == 3 and all('parameters: 49,162' in t and 'constraints: ok' in t and 'n_out' in t for t in summaries)
+    assert ['GroupNorm' in t for t in summaries] == [False, True, True]  # bn, gn, ln
 
 
 def test_end_to_end_run(synth, tmp_path):
@@ -90,7 +91,7 @@ def test_norm_all_writes_comparison(synth, tmp_path):
     assert r.returncode == 0, r.stderr
     for n in ('bn', 'gn', 'ln'): assert (tmp_path / f's8_{n}' / 'metrics.json').exists()
     table = (tmp_path / 's8_comparison.md').read_text()
-    assert table.count('| [s8_') == 3 and '48,034' in table and (tmp_path / 's8_comparison.png').stat().st_size
+    assert table.count('| [s8_') == 3 and '49,162' in table and (tmp_path / 's8_comparison.png').stat().st_size
     assert '| [s8_ln]' in r.stdout  # the table is printed too
     assert '`recipes/s8_norms.py --norm gn --opt sgd --lr 0.1 --wd 0.0005 --bs 32 --epochs 1 ' in table
 
@@ -117,36 +118,36 @@ def test_explore_notebook_runs(synth, monkeypatch):
     assert 'valley' in ''.join(o['data'].get('text/plain', '') for c in nb.cells for o in c.get('outputs', []) if 'data' in o)
 
 
-S7, S9 = (str(ROOT / 'recipes' / f) for f in ('s7_dilated_separable.py', 's9_augmented.py'))
+@pytest.mark.parametrize('module,params', [('s7_dilated_separable', '949,642'), ('s9_augmented', '196,106')])
+def test_s7_s9_dry_run(module, params, capsys):
+    from cifar_fa import main
+    main(importlib.import_module(module).RECIPE, ['--norm', 'all', '--dry-run'])  # every norm, in this process
+    out = capsys.readouterr().out
+    assert out.count(f'parameters: {params}') == 3 and out.count('constraints: ok') == 3
 
 
-@pytest.mark.parametrize('script,params,limit', [(S7, '949,642', 1_000_000), (S9, '196,106', 200_000)])
-@pytest.mark.parametrize('norm', ['bn', 'gn', 'ln'])
-def test_s7_s9_dry_run(script, params, limit, norm):
-    r = recipe('--norm', norm, '--dry-run', script=script)
-    assert r.returncode == 0, r.stderr
-    assert f'parameters: {params}' in r.stdout and 'constraints: ok' in r.stdout
+def test_s9_epoch_cap(capsys):
+    from cifar_fa import main
+    from s9_augmented import RECIPE
+    with pytest.raises(SystemExit) as e: main(RECIPE, ['--epochs', '41', '--dry-run'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cap of 40" in err and 'Traceback' not in err
 
 
-def test_s9_epoch_cap():
-    r = recipe('--epochs', 41, '--dry-run', script=S9)
-    assert r.returncode == 2 and "cap of 40" in r.stderr and 'Traceback' not in r.stderr
-
-
-def test_s9_cutout_is_one_16x16_hole_of_the_mean():
+@pytest.mark.parametrize('module,size', [('s8_norms', 8), ('s9_augmented', 16)])
+def test_cutout_is_one_square_hole_of_the_mean(module, size):
     import copy
     import albumentations as A
     import numpy as np
     from cifar_fa import CIFAR_MEAN_RGB
-    from s9_augmented import AUGS
-    cutout = copy.deepcopy(next(a for a in AUGS if isinstance(a, A.CoarseDropout)))
+    cutout = copy.deepcopy(next(a for a in importlib.import_module(module).AUGS if isinstance(a, A.CoarseDropout)))
     cutout.p = 1.
     for seed in range(5):
         cutout.set_random_seed(seed)
         img = np.full((32, 32, 3), 7, np.uint8)
         hole = np.all(cutout(image=img)['image'] == CIFAR_MEAN_RGB, axis=-1)
         ys, xs = np.nonzero(hole)
-        assert hole.sum() == 256 and np.ptp(ys) == 15 and np.ptp(xs) == 15  # one filled 16x16 square
+        assert hole.sum() == size * size and np.ptp(ys) == size - 1 and np.ptp(xs) == size - 1  # one filled square
 
 
 def test_benchmark_runs_on_a_tiny_input(synth):

@@ -1,10 +1,12 @@
-import os
 import json
+import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pandas as pd
 import pytest
+import torch
 import torch.nn as nn
 from fastai.learner import load_learner
 from PIL import Image
@@ -22,7 +24,7 @@ def trained(synth, tmp_path_factory):
     """A short real training on the synthetic set, with its run folder."""
     out = tmp_path_factory.mktemp('run') / 's8_bn'  # bn: per-sample norms erase the flat colours that tell these classes apart
     cfg = RunConfig('s8', norm='bn', epochs=4, bs=16, lr=1e-2, workers=0, device='cpu', data=str(synth), out=str(out))
-    return run(S8, cfg), out
+    return run(replace(S8, tta=True), cfg), out
 
 
 def test_training_beats_chance(trained):
@@ -41,6 +43,7 @@ def test_run_folder_complete(trained):
     m = json.loads((out / 'metrics.json').read_text())
     assert m['params'] == metrics['params'] < 50_000 and m['rf'] == 44 and m['epochs'] == 4
     assert set(m['per_class_accuracy']) == set(CLASSES) and 'device' in m and m['wall_seconds'] > 0
+    assert 0 <= m['flip_tta_test_accuracy'] <= 1  # recipes with tta=True report it beside the plain accuracy
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['norm'] == 'bn' and cfg['seed'] == 42 and 'torch' in cfg['versions']
     summary = (out / 'summary.txt').read_text()
@@ -57,6 +60,19 @@ def test_export_roundtrip_in_fresh_process(trained, synth):
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
     label, conf = res.stdout.split()
     assert label == live[0] and abs(float(conf) - float(live[2].max())) < 1e-5 and label in CLASSES
+
+
+def test_flip_tta_blends_plain_and_mirrored_predictions(trained, synth):
+    from cifar_fa.interpret import flip_tta
+    _, out = trained
+    learn = build_learner(S8, RunConfig('s8', norm='bn', bs=16, workers=0, device='cpu', data=str(synth)))
+    learn.load((out / 'model').resolve())
+    probs, targs = flip_tta(learn)
+    plain, plain_targs = learn.get_preds()
+    learn.model.eval()
+    with torch.no_grad(): mirrored = torch.cat([learn.model(x.flip(-1)).softmax(1) for x, _ in learn.dls.valid])
+    assert (targs == plain_targs).all() and not torch.allclose(plain, mirrored, atol=1e-3)
+    assert (probs - (plain * mirrored).sqrt()).abs().max() < 1e-4  # fastai's tta with beta 0.5: geometric mean
 
 
 def test_group_norm_weights_get_no_weight_decay(synth):
