@@ -75,6 +75,15 @@ def test_skip_adds_the_source():
     torch.testing.assert_close(model.layers['C4'](model.layers['GAP'](c3)).flatten(1), model(x))
 
 
+def test_fastai_tensor_types_stop_at_the_model():
+    from fastai.torch_core import TensorImage
+    model = SpecNet('C1:8 C2:8+C1 GAP C3', 'bn').eval()
+    x = torch.randn(2, 3, 16, 16)
+    out = model(x.as_subclass(TensorImage))  # the type every op would otherwise dispatch through __torch_function__
+    assert type(out) is torch.Tensor
+    torch.testing.assert_close(out, model(x))
+
+
 @pytest.mark.parametrize('spec,msg', [('C1 GAP C2', 'needs a width'), ('C1:8 X2:8', 'layers are'),
                                       ('C1:8 C2:8+C9 GAP C3', 'not an earlier layer'), ('C1:8 C1:8', 'repeats')])
 def test_bad_specs(spec, msg):
