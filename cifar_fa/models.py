@@ -89,7 +89,7 @@ class SpecNet(nn.Module):
         self._sources = set(self.skips.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # a plain tensor: fastai's TensorImage would run its __torch_function__ for every op (measured +40 % per CPU step)
+        # a plain tensor: with fastai's TensorImage every op runs its __torch_function__ (a CPU step of S8 measured 1.4-1.8x)
         x, saved = x.as_subclass(torch.Tensor), {}
         for name, layer in self.layers.items():
             x = layer(x)

@@ -3,7 +3,7 @@ import albumentations as A
 
 from cifar_fa import CIFAR_MEAN_RGB, Constraints, Recipe, main
 
-# C = 3x3 conv, c = 1x1 conv, P = 2x2 max-pool; `C5:28+C3` adds C3's output to C5's ("add one layer to another")
+# C = 3x3 conv, c = 1x1 conv, P = 2x2 max-pool; `C5:24+C3` adds C3's output to C5's ("add one layer to another")
 SPEC = 'C1:16 C2:32 c3:16 P1 C3:24 C4:24 C5:24+C3 c6:16 P2 C7:36 C8:36 C9:36+C7 GAP C10'
 
 AUGS = [
