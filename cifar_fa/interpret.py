@@ -74,7 +74,7 @@ def review(learn: Learner, out: Path, title: str, k: int = 9, dl: DataLoader | N
 
 def flip_tta(learn: Learner, dl: DataLoader | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Test-set probabilities averaged (geometric mean) with those of the mirrored images, and the targets: `learn.tta`."""
-    dl = dl or learn.dls.valid
+    dl = learn.dls.valid if dl is None else dl  # `or` would ask a DataLoader for its length
     flip = AlbumentationsTransform([A.HorizontalFlip(p=1.)])
     with learn.no_bar():  # tta rebuilds the loader from the transforms given: pass the batch ones on too
         return learn.tta(dl=dl, n=1, item_tfms=flip, batch_tfms=list(dl.after_batch.fs), beta=0.5)
