@@ -30,9 +30,12 @@ def _lr(s: str) -> float | str:
 
 
 def parser(recipe: Recipe) -> argparse.ArgumentParser:
-    """Argument parser for `recipe`; defaults shown are the recipe's own."""
+    """Argument parser for `recipe`; defaults shown are the recipe's own for its default norm."""
     d = {**{f.name: f.default for f in fields(RunConfig)}, **recipe.defaults}
+    per_norm = '; '.join(f"--norm {n}: " + ', '.join(f"--{k.replace('_', '-')} {v}" for k, v in kw.items())
+                         for n, kw in recipe.norm_defaults.items())
     p = argparse.ArgumentParser(description=f'Train the {recipe.name} recipe on CIFAR-10 and write a run folder.',
+                                epilog=per_norm and f'defaults that differ per norm (an option given overrides them): {per_norm}',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--norm', choices=[*NORMS, 'all'], default=d['norm'],
                    help="normalization layer; 'all' trains each in turn and writes a comparison")
@@ -59,9 +62,14 @@ def parser(recipe: Recipe) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(recipe: Recipe, args: argparse.Namespace, **overrides) -> RunConfig:
-    """A `RunConfig` from parsed arguments."""
+def config_from_args(recipe: Recipe, argv: list[str] | None = None, **overrides) -> RunConfig:
+    """A `RunConfig` from command-line arguments: an option given wins, then the norm's own defaults, then the recipe's."""
+    p = parser(recipe)
+    args = p.parse_args(argv)
+    for a in p._actions: a.default = argparse.SUPPRESS
+    given = vars(p.parse_args(argv))
     kw = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    kw.update({k: v for k, v in recipe.norm_defaults.get(overrides.get('norm', args.norm), {}).items() if k not in given})
     return RunConfig(**{**kw, 'recipe': recipe.name, **overrides})
 
 
@@ -75,7 +83,7 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` or a job scheduler: stop like Ctrl-C, keeping the checkpoints
     norms = list(NORMS) if args.norm == 'all' else [args.norm]
     parent = Path(args.out or 'runs') if args.norm == 'all' else None
-    cfgs = [config_from_args(recipe, args, norm=n, **({'out': str(parent / f'{recipe.name}_{n}')} if parent else {}))
+    cfgs = [config_from_args(recipe, argv, norm=n, **({'out': str(parent / f'{recipe.name}_{n}')} if parent else {}))
             for n in norms]
     try:
         models = [build_model(recipe, cfg) for cfg in cfgs]  # every variant is checked before any trains

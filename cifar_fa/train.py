@@ -51,7 +51,12 @@ class Recipe:
     augs: Sequence[A.BasicTransform]
     constraints: Constraints
     defaults: dict = field(default_factory=dict)
+    norm_defaults: dict = field(default_factory=dict)  # {norm: {setting: value}}: where a norm's defaults differ
     tta: bool = False  # also report the test accuracy with flip test-time augmentation (never replaces the plain one)
+
+    def settings(self, norm: str) -> dict:
+        """The recipe's default training settings for `norm`."""
+        return {**self.defaults, **self.norm_defaults.get(norm, {}), 'norm': norm}
 
 
 @dataclass

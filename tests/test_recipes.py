@@ -118,6 +118,18 @@ def test_explore_notebook_runs(synth, monkeypatch):
     assert 'valley' in ''.join(o['data'].get('text/plain', '') for c in nb.cells for o in c.get('outputs', []) if 'data' in o)
 
 
+def test_norm_defaults_apply_unless_the_option_is_given():
+    from dataclasses import replace
+    from cifar_fa.cli import config_from_args
+    rec = replace(importlib.import_module('s8_norms').RECIPE, norm_defaults={'gn': {'bs': 64, 'lr': 0.05}})
+    bs = rec.defaults['bs']
+    assert (config_from_args(rec, ['--norm', 'gn']).bs, config_from_args(rec, ['--norm', 'gn']).lr) == (64, 0.05)
+    assert config_from_args(rec, ['--norm', 'gn', '--bs', str(bs)]).bs == bs  # given, even equal to the recipe default
+    assert config_from_args(rec, ['--norm', 'bn']).bs == bs
+    assert [config_from_args(rec, ['--norm', 'all', '--lr', '0.2'], norm=n).lr for n in ('bn', 'gn')] == [0.2, 0.2]
+    assert config_from_args(rec, ['--norm', 'all'], norm='gn').bs == 64 == rec.settings('gn')['bs']
+
+
 @pytest.mark.parametrize('module,params', [('s7_dilated_separable', '949,642'), ('s9_augmented', '196,106')])
 def test_s7_s9_dry_run(module, params, capsys):
     from cifar_fa import main
