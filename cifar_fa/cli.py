@@ -47,6 +47,8 @@ def parser(recipe: Recipe) -> argparse.ArgumentParser:
     p.add_argument('--lr', type=_lr, default=d['lr'], help="max learning rate of the one cycle, or 'find'")
     p.add_argument('--wd', type=float, default=d['wd'], help='weight decay (adam: decoupled; sgd: L2)')
     p.add_argument('--dropout', type=float, default=d['dropout'])
+    p.add_argument('--ws', action=argparse.BooleanOptionalAction, default=d['ws'],
+                   help='weight-standardized convs (zero-mean, unit-variance filters)')
     p.add_argument('--label-smoothing', type=float, default=d['label_smoothing'])
     p.add_argument('--seed', type=int, default=d['seed'])
     p.add_argument('--workers', type=int, default=d['workers'], help='DataLoader workers (default: min(4, CPUs))')

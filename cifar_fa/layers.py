@@ -4,9 +4,11 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ['NORMS', 'GN_GROUPS', 'norm_layer', 'ConvBlock', 'is_norm']
+__all__ = ['NORMS', 'GN_GROUPS', 'norm_layer', 'WSConv2d', 'ConvBlock', 'is_norm']
 
 GN_GROUPS = 4  # `gn` splits channels into gcd(C, 4) groups: 4 groups for every width we use
 
@@ -34,16 +36,23 @@ def is_norm(m: nn.Module) -> bool:
     return isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))
 
 
+class WSConv2d(nn.Conv2d):
+    """Conv2d with weight standardization: each filter is used with zero mean and unit variance (Qiao et al. 2019)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, eps=1e-5).reshape_as(w)
+        return self._conv_forward(x, w, self.bias)
+
+
 class ConvBlock(nn.Sequential):
-    """Conv (optionally dilated or depthwise-separable) -> norm -> ReLU -> dropout."""
+    """Conv (optionally dilated, depthwise-separable or weight-standardized) -> norm -> ReLU -> dropout."""
     def __init__(self, ni: int, nf: int, ks: int = 3, stride: int = 1, dilation: int = 1, separable: bool = False,
-                 norm: Callable[[int], nn.Module] = _batch_norm, dropout: float = 0.):
-        padding = dilation * (ks - 1) // 2
+                 norm: Callable[[int], nn.Module] = _batch_norm, dropout: float = 0., ws: bool = False):
+        padding, conv = dilation * (ks - 1) // 2, WSConv2d if ws else nn.Conv2d
         if separable:
-            convs = [nn.Conv2d(ni, ni, ks, stride, padding, dilation, groups=ni, bias=False),
-                     nn.Conv2d(ni, nf, 1, bias=False)]
+            convs = [conv(ni, ni, ks, stride, padding, dilation, groups=ni, bias=False), conv(ni, nf, 1, bias=False)]
         else:
-            convs = [nn.Conv2d(ni, nf, ks, stride, padding, dilation, bias=False)]
+            convs = [conv(ni, nf, ks, stride, padding, dilation, bias=False)]
         layers = [*convs, norm(nf), nn.ReLU(inplace=True)]
         if dropout: layers.append(nn.Dropout2d(dropout))
         super().__init__(*layers)

@@ -70,6 +70,7 @@ class RunConfig:
     lr: float | str = 1e-2  # max learning rate of the one cycle, or 'find' for lr_find's valley
     wd: float = 1e-2  # adam: decoupled (AdamW); sgd: L2 as in torch.optim.SGD; none on norm weights and biases
     dropout: float = 0.
+    ws: bool = False  # weight-standardized convs
     label_smoothing: float = 0.
     seed: int = 42
     workers: int | None = None
@@ -93,7 +94,7 @@ def pick_device(name: str) -> torch.device:
 def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
     """The recipe's network with `cfg`'s norm, dropout and seed, checked against the assignment's constraints."""
     set_seed(cfg.seed, reproducible=True)
-    model = SpecNet(recipe.spec, cfg.norm, dropout=cfg.dropout)
+    model = SpecNet(recipe.spec, cfg.norm, dropout=cfg.dropout, ws=cfg.ws)
     if not cfg.outside_assignment: recipe.constraints.check(model, cfg.epochs)
     return model
 
