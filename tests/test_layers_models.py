@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifar_fa import NORMS, ConvBlock, SpecNet, count_params, norm_layer, parse_spec
+from cifar_fa.layers import WSConv2d
 from cifar_fa.callbacks import GroupNormLikeBN  # noqa: F401 (imported to fail early if the module breaks)
 from s8_norms import RECIPE as S8
 
@@ -38,6 +39,23 @@ def test_conv_block_options():
     dil = ConvBlock(8, 16, dilation=2)
     assert dil(torch.randn(1, 8, 10, 10)).shape == (1, 16, 10, 10)
     assert ConvBlock(8, 16, stride=2)(torch.randn(1, 8, 10, 10)).shape == (1, 16, 5, 5)
+
+
+def test_ws_conv_uses_standardized_filters():
+    conv, x = WSConv2d(4, 6, 3, padding=1, bias=False), torch.randn(2, 4, 9, 9)
+    w = conv.weight.detach()
+    std = (w - w.mean((1, 2, 3), keepdim=True)) / torch.sqrt(w.var((1, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(conv(x), F.conv2d(x, std, padding=1), rtol=1e-4, atol=1e-5)
+    with torch.no_grad(): conv.weight.mul_(torch.arange(1., 7.)[:, None, None, None]).add_(3.)  # per-filter scale and shift
+    torch.testing.assert_close(conv(x), F.conv2d(x, std, padding=1), rtol=1e-3, atol=1e-4)
+
+
+def test_ws_block_keeps_the_parameter_count():
+    for kw in (dict(), dict(separable=True), dict(dilation=2)):
+        ws, plain = ConvBlock(8, 16, ws=True, **kw), ConvBlock(8, 16, **kw)
+        convs = [m for m in ws.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(type(m) is WSConv2d for m in convs) and count_params(ws) == count_params(plain)
+    assert type(SpecNet(S8.spec, 'gn', ws=True).layers['C10']) is nn.Conv2d  # the head to the classes stays plain
 
 
 @pytest.mark.parametrize('norm', list(NORMS))
