@@ -11,7 +11,7 @@ from .callbacks import DivergedError
 from .constraints import ConstraintError
 from .data import DataError
 from .layers import NORMS
-from .report import write_comparison
+from .report import flag, write_comparison
 from .train import OPTIMIZERS, Recipe, RunConfig, RunError, build_model, describe, run
 
 __all__ = ['parser', 'config_from_args', 'main']
@@ -32,7 +32,7 @@ def _lr(s: str) -> float | str:
 def parser(recipe: Recipe) -> argparse.ArgumentParser:
     """Argument parser for `recipe`; defaults shown are the recipe's own for its default norm."""
     d = {**{f.name: f.default for f in fields(RunConfig)}, **recipe.defaults}
-    per_norm = '; '.join(f"--norm {n}: " + ', '.join(f"--{k.replace('_', '-')} {v}" for k, v in kw.items())
+    per_norm = '; '.join(f"--norm {n}: " + ' '.join(flag(k, v) for k, v in kw.items())
                          for n, kw in recipe.norm_defaults.items())
     p = argparse.ArgumentParser(description=f'Train the {recipe.name} recipe on CIFAR-10 and write a run folder.',
                                 epilog=per_norm and f'defaults that differ per norm (an option given overrides them): {per_norm}',

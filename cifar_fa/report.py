@@ -11,7 +11,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
-__all__ = ['load_runs', 'results_table', 'comparison_figure', 'write_comparison', 'update_readme']
+__all__ = ['flag', 'load_runs', 'results_table', 'comparison_figure', 'write_comparison', 'update_readme']
 
 BEGIN, END = '<!-- results:begin -->', '<!-- results:end -->'
 
@@ -22,16 +22,22 @@ def load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
             for d in run_dirs]
 
 
-_FLAGS = ('opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'dropout', 'seed', 'subset')
+_FLAGS = ('opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'dropout', 'ws', 'seed', 'subset')
+
+
+def flag(name: str, value: object) -> str:
+    """The command-line option that sets setting `name` to `value` (`--ws` / `--no-ws` for booleans)."""
+    opt = name.replace('_', '-')
+    if isinstance(value, bool): return f'--{opt}' if value else f'--no-{opt}'
+    return f'--{opt} {value:g}' if isinstance(value, float) else f'--{opt} {value}'
 
 
 def _command(cfg: dict) -> str:
     """The recipe command with every training setting spelled out, so it reproduces the run whatever the defaults."""
     argv = cfg.get('argv') or []
     script = Path(argv[0]).name if argv else f"{cfg['recipe']}.py"
-    hp = {**cfg, 'opt': cfg.get('opt', 'adam')}  # runs made before --opt existed used Adam
-    flags = [f"--{k.replace('_', '-')} {hp[k]:g}" if isinstance(hp[k], float) else f"--{k.replace('_', '-')} {hp[k]}"
-             for k in _FLAGS if hp.get(k) is not None]
+    hp = {'opt': 'adam', 'ws': False, **cfg}  # runs made before --opt and --ws existed used Adam and plain convs
+    flags = [flag(k, hp[k]) for k in _FLAGS if hp.get(k) is not None]
     extra = ['--outside-assignment'] if cfg.get('outside_assignment') else []
     return ' '.join([f'recipes/{script}', f"--norm {cfg['norm']}", *flags, *extra])
 
@@ -53,9 +59,9 @@ def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:
 def comparison_figure(run_dirs: list[Path], title: str) -> matplotlib.figure.Figure:
     """Test accuracy per epoch of each run, one line per run."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for d, m, _ in load_runs(run_dirs):
+    for d, m, cfg in load_runs(run_dirs):
         h = pd.read_csv(d / 'history.csv')
-        ax.plot(h.epoch + 1, 100 * h.valid_accuracy, '-o', ms=3, label=f"{m['norm']} ({100 * m['test_accuracy']:.2f} %)")
+        ax.plot(h.epoch + 1, 100 * h.valid_accuracy, '-o', ms=3, label=f"{m['norm']}{' + ws' if cfg.get('ws') else ''} ({100 * m['test_accuracy']:.2f} %)")
     ax.set(xlabel='epoch', ylabel='test accuracy (%)', title=title)
     ax.grid(alpha=.3)
     ax.legend()

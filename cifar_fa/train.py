@@ -101,7 +101,8 @@ def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
 
 def describe(recipe: Recipe, model: SpecNet) -> str:
     """Spec, parameter count and receptive-field table of `model` as text."""
-    return (f'recipe {recipe.name}, norm {model.norm}\nspec: {model.spec}\nparameters: {count_params(model):,}\n'
+    ws = ', weight-standardized convs' if model.ws else ''
+    return (f'recipe {recipe.name}, norm {model.norm}{ws}\nspec: {model.spec}\nparameters: {count_params(model):,}\n'
             f'receptive field (last layer before GAP): {total_rf(model.spec)}\n\n{rf_table(model.spec).to_string(index=False)}\n')
 
 

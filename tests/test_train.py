@@ -106,9 +106,11 @@ def test_interrupted_run_resumes_to_the_same_history(synth, tmp_path, monkeypatc
 
 
 def test_lr_find_picks_valley_and_saves_plot(synth, tmp_path):
-    m = run(S8, RunConfig('s8', norm='bn', epochs=1, bs=16, lr='find', workers=0, device='cpu', data=str(synth),
+    m = run(S8, RunConfig('s8', norm='gn', ws=True, epochs=1, bs=16, lr='find', workers=0, device='cpu', data=str(synth),
                           out=str(tmp_path / 'run')))
     cfg = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    assert cfg['ws'] and 'weight-standardized' in (tmp_path / 'run' / 'summary.txt').read_text()
+    assert any(type(mod).__name__ == 'WSConv2d' for mod in load_learner(tmp_path / 'run' / 'model.pkl').model.modules())
     assert cfg['lr'] == 'find' and isinstance(cfg['lr_used'], float) and 1e-7 < cfg['lr_used'] < 10
     assert (tmp_path / 'run' / 'lr_find.png').stat().st_size > 1000 and m['epochs'] == 1
 
@@ -122,7 +124,7 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     text = readme.read_text()
     acc = json.loads((out / 'metrics.json').read_text())['test_accuracy']
     assert 'old' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')
-    assert '--norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 ' in text  # reproducible as is
+    assert '--norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 --dropout 0 --no-ws ' in text  # reproducible as is
 
 
 def test_review_script(trained, synth, tmp_path):
