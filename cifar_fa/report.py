@@ -56,12 +56,16 @@ def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:
     return '\n'.join(lines)
 
 
+def _label(m: dict, cfg: dict) -> str:
+    return f"{m['norm']}{' + ws' if cfg.get('ws') else ''}, bs {cfg['bs']} ({100 * m['test_accuracy']:.2f} %)"
+
+
 def comparison_figure(run_dirs: list[Path], title: str) -> matplotlib.figure.Figure:
     """Test accuracy per epoch of each run, one line per run."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for d, m, cfg in load_runs(run_dirs):
         h = pd.read_csv(d / 'history.csv')
-        ax.plot(h.epoch + 1, 100 * h.valid_accuracy, '-o', ms=3, label=f"{m['norm']}{' + ws' if cfg.get('ws') else ''} ({100 * m['test_accuracy']:.2f} %)")
+        ax.plot(h.epoch + 1, 100 * h.valid_accuracy, '-o', ms=3, label=_label(m, cfg))
     ax.set(xlabel='epoch', ylabel='test accuracy (%)', title=title)
     ax.grid(alpha=.3)
     ax.legend()

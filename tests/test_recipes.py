@@ -128,9 +128,10 @@ def test_norm_defaults_apply_unless_the_option_is_given():
     assert config_from_args(rec, ['--norm', 'bn']).bs == bs
     assert [config_from_args(rec, ['--norm', 'all', '--lr', '0.2'], norm=n).lr for n in ('bn', 'gn')] == [0.2, 0.2]
     assert config_from_args(rec, ['--norm', 'all'], norm='gn').bs == 64 == rec.settings('gn')['bs']
-    s8 = importlib.import_module('s8_norms').RECIPE  # the published gn and ln runs used weight-standardized convs
+    s8 = importlib.import_module('s8_norms').RECIPE  # the published gn and ln runs: standardized convs; ln: batches of 64
     assert [config_from_args(s8, ['--norm', n]).ws for n in ('bn', 'gn', 'ln')] == [False, True, True]
     assert not config_from_args(s8, ['--norm', 'ln', '--no-ws']).ws and config_from_args(s8, ['--norm', 'bn', '--ws']).ws
+    assert [config_from_args(s8, ['--norm', n]).bs for n in ('bn', 'gn', 'ln')] == [128, 128, 64]  # as published
 
 
 @pytest.mark.parametrize('module,params', [('s7_dilated_separable', '949,642'), ('s9_augmented', '196,106')])

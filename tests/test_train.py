@@ -116,7 +116,7 @@ def test_lr_find_picks_valley_and_saves_plot(synth, tmp_path):
 
 
 def test_readme_table_from_run_folders(trained, tmp_path):
-    from cifar_fa.report import BEGIN, END, update_readme
+    from cifar_fa.report import BEGIN, END, comparison_figure, update_readme
     _, out = trained
     readme = tmp_path / 'README.md'
     readme.write_text(f'# x\n{BEGIN}\nold\n{END}\ntail\n')
@@ -125,6 +125,8 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     acc = json.loads((out / 'metrics.json').read_text())['test_accuracy']
     assert 'old' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')
     assert '--norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 --dropout 0 --no-ws ' in text  # reproducible as is
+    fig = comparison_figure([out], 'one run')
+    assert fig.axes[0].get_legend_handles_labels()[1] == [f'bn, bs 16 ({100 * acc:.2f} %)']  # the settings that differ per norm
 
 
 def test_review_script(trained, synth, tmp_path):
