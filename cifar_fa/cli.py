@@ -11,10 +11,16 @@ from .callbacks import DivergedError
 from .constraints import ConstraintError
 from .data import DataError
 from .layers import NORMS
-from .report import flag, write_comparison
 from .train import OPTIMIZERS, Recipe, RunConfig, RunError, build_model, describe, run
 
-__all__ = ['parser', 'config_from_args', 'main']
+__all__ = ['flag', 'parser', 'config_from_args', 'main']
+
+
+def flag(name: str, value: object) -> str:
+    """The command-line option that sets setting `name` to `value` (`--ws` / `--no-ws` for booleans)."""
+    opt = name.replace('_', '-')
+    if isinstance(value, bool): return f'--{opt}' if value else f'--no-{opt}'
+    return f'--{opt} {value:g}' if isinstance(value, float) else f'--{opt} {value}'
 
 
 def _positive(kind):
@@ -100,6 +106,8 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
         print('\ninterrupted: finished epochs are checkpointed; run the same command with --resume to continue',
               file=sys.stderr)
         sys.exit(130)
-    if parent: print(write_comparison([Path(c.out) for c in cfgs], parent / f'{recipe.name}_comparison',
-                                      f'{recipe.name}: {", ".join(norms)} compared'))
+    if parent:
+        from .report import write_comparison  # here: `python -m cifar_fa.report` warns if importing cifar_fa already did
+        print(write_comparison([Path(c.out) for c in cfgs], parent / f'{recipe.name}_comparison',
+                               f'{recipe.name}: {", ".join(norms)} compared'))
     return results[-1]

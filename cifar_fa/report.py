@@ -11,7 +11,9 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
-__all__ = ['flag', 'load_runs', 'results_table', 'comparison_figure', 'write_comparison', 'update_readme']
+from .cli import flag
+
+__all__ = ['load_runs', 'results_table', 'comparison_figure', 'write_comparison', 'update_readme']
 
 BEGIN, END = '<!-- results:begin -->', '<!-- results:end -->'
 
@@ -23,13 +25,6 @@ def load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
 
 
 _FLAGS = ('opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'dropout', 'ws', 'seed', 'subset')
-
-
-def flag(name: str, value: object) -> str:
-    """The command-line option that sets setting `name` to `value` (`--ws` / `--no-ws` for booleans)."""
-    opt = name.replace('_', '-')
-    if isinstance(value, bool): return f'--{opt}' if value else f'--no-{opt}'
-    return f'--{opt} {value:g}' if isinstance(value, float) else f'--{opt} {value}'
 
 
 def _command(cfg: dict) -> str:

@@ -116,11 +116,13 @@ def test_lr_find_picks_valley_and_saves_plot(synth, tmp_path):
 
 
 def test_readme_table_from_run_folders(trained, tmp_path):
-    from cifar_fa.report import BEGIN, END, comparison_figure, update_readme
+    from cifar_fa.report import BEGIN, END, comparison_figure
     _, out = trained
     readme = tmp_path / 'README.md'
     readme.write_text(f'# x\n{BEGIN}\nold\n{END}\ntail\n')
-    update_readme(readme, [out])
+    r = subprocess.run([sys.executable, '-m', 'cifar_fa.report', '--readme', str(readme), str(out)], capture_output=True,
+                       text=True, env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    assert r.returncode == 0 and 'Warning' not in r.stderr, r.stderr  # the README's command, without runpy's warning
     text = readme.read_text()
     acc = json.loads((out / 'metrics.json').read_text())['test_accuracy']
     assert 'old' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')
