@@ -1,7 +1,7 @@
 """S8: one skeleton, three normalizations (bn, gn, ln), < 50,000 parameters, <= 20 epochs."""
 import albumentations as A
 
-from cifar_fa import CIFAR_MEAN_RGB, Constraints, Recipe, main
+from cifar_fa import Constraints, Recipe, main
 
 # C = 3x3 conv, c = 1x1 conv, P = 2x2 max-pool; `C5:24+C3` adds C3's output to C5's ("add one layer to another")
 SPEC = 'C1:16 C2:32 c3:16 P1 C3:24 C4:24 C5:24+C3 c6:16 P2 C7:36 C8:36 C9:36+C7 GAP C10'
@@ -10,8 +10,6 @@ AUGS = [
     A.PadIfNeeded(40, 40, border_mode=4),  # reflect-pad 4 px, then a random 32x32 crop: shifts of up to 4 px
     A.RandomCrop(32, 32),
     A.HorizontalFlip(),
-    A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(8, 8), hole_width_range=(8, 8),
-                    fill=CIFAR_MEAN_RGB, strict=True),  # cutout: one 8x8 hole of the dataset's mean colour
 ]
 
 HPARAMS = dict(
