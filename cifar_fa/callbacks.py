@@ -1,6 +1,7 @@
 """Small fastai callbacks: GroupNorm treated like BatchNorm, plain epoch lines, resumable history and checkpoints."""
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import torch.nn as nn
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
 
-__all__ = ['GroupNormLikeBN', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN', 'atomic_write',
+__all__ = ['GroupNormLikeBN', 'ReleaseFreedMemory', 'release_freed_memory', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN', 'atomic_write',
            'DivergedError', 'last_epoch']
 
 
@@ -36,6 +37,33 @@ class GroupNormLikeBN(Callback):
                 state = self.learn.opt.state[p]
                 if not self.learn.wd_bn_bias: state['do_wd'] = False
                 if self.learn.train_bn: state['force_train'] = True
+
+
+def _malloc_trim():
+    try: return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError): return None  # not glibc
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory this process has freed back to the OS (glibc's `malloc_trim`; a no-op elsewhere)."""
+    if _MALLOC_TRIM is not None: _MALLOC_TRIM(0)
+
+
+class ReleaseFreedMemory(Callback):
+    """Call `release_freed_memory` every `every` training batches and after each epoch."""
+    # glibc keeps the pages freed by each batch's tensors; on CPU that grew a fresh S9 run by ~0.5 GB a minute
+    # (23 GB by epoch 22), while pinning the mmap threshold instead made epochs 50 % slower
+    order = 90
+
+    def __init__(self, every: int = 50): self.every = every
+
+    def after_batch(self):
+        if self.training and self.iter % self.every == 0: release_freed_memory()
+
+    def after_epoch(self): release_freed_memory()
 
 
 class DivergedError(RuntimeError):
