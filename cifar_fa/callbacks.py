@@ -14,8 +14,8 @@ import torch.nn as nn
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
 
-__all__ = ['GroupNormLikeBN', 'ReleaseFreedMemory', 'release_freed_memory', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN', 'atomic_write',
-           'DivergedError', 'last_epoch']
+__all__ = ['GroupNormLikeBN', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN', 'atomic_write',
+           'ReleaseFreedMemory', 'release_freed_memory', 'DivergedError', 'last_epoch']
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -41,7 +41,7 @@ class GroupNormLikeBN(Callback):
 
 def _malloc_trim():
     try: return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError): return None  # not glibc
+    except (OSError, AttributeError, TypeError): return None  # not glibc
 
 
 _MALLOC_TRIM = _malloc_trim()
@@ -54,8 +54,8 @@ def release_freed_memory() -> None:
 
 class ReleaseFreedMemory(Callback):
     """Call `release_freed_memory` every `every` training batches and after each epoch."""
-    # glibc keeps the pages freed by each batch's tensors; on CPU that grew a fresh S9 run by ~0.5 GB a minute
-    # (23 GB by epoch 22), while pinning the mmap threshold instead made epochs 50 % slower
+    # glibc keeps the pages freed by each batch's tensors: a fresh CPU S9 run grew by 0.35-0.55 GB a minute (23 GB by
+    # epoch 22) without this, and pinning glibc's mmap threshold instead made epochs 50 % slower (benchmarks/memory/)
     order = 90
 
     def __init__(self, every: int = 50): self.every = every
