@@ -42,7 +42,9 @@ def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:
     lines = ['| run | command | params | epochs | train acc | test acc | wall time | device |', '|---|---|---|---|---|---|---|---|']
     for d, m, cfg in load_runs(run_dirs):
         note = ' (outside the assignment)' if m.get('outside_assignment') else ''
-        wall = f"{m['wall_seconds'] / 60:.1f} min" + (' (after resume)' if m.get('resumed') else '')
+        wall = f"{m['wall_seconds'] / 60:.1f} min"
+        if m.get('resumed'):  # the earlier invocations' wall time is not recorded; their epochs' times are
+            wall = f"{m['epoch_seconds'] / 60:.1f} min of epochs ({wall} in the resumed invocation)"
         subset = f", {m['subset']} train images/class" if m.get('subset') else ''
         tta = f" (flip TTA: {100 * m['flip_tta_test_accuracy']:.2f} %)" if 'flip_tta_test_accuracy' in m else ''
         lines.append(f"| [{d.name}]({Path(os.path.relpath(d, base)).as_posix()}/) | `{_command(cfg)}` | {m['params']:,} | {m['epochs']}{subset}{note} | "
