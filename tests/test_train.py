@@ -12,6 +12,7 @@ from fastai.learner import load_learner
 from PIL import Image
 
 from cifar_fa import RunConfig, build_learner, callbacks, run
+from cifar_fa.report import results_table
 from conftest import CLASSES, ROOT
 from s8_norms import RECIPE as S8
 
@@ -103,7 +104,6 @@ def test_interrupted_run_resumes_to_the_same_history(synth, tmp_path, monkeypatc
     h_full, h_cut = (pd.read_csv(tmp_path / d / 'history.csv') for d in ('full', 'cut'))
     assert h_cut.epoch.tolist() == [0, 1, 2, 3] and resumed['epochs'] == full['epochs'] == 4
     pd.testing.assert_frame_equal(h_full.drop(columns='time'), h_cut.drop(columns='time'))  # RNG states were restored
-    from cifar_fa.report import results_table
     row = results_table([tmp_path / 'cut']).splitlines()[-1]
     assert resumed['resumed'] and f"{resumed['epoch_seconds'] / 60:.1f} min of epochs (" in row and 'resumed invocation' in row
 
