@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
+import runpy
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +18,7 @@ from .cli import flag
 __all__ = ['load_runs', 'results_table', 'comparison_figure', 'write_comparison', 'update_readme']
 
 BEGIN, END = '<!-- results:begin -->', '<!-- results:end -->'
+RECIPES = Path(__file__).resolve().parents[1] / 'recipes'
 
 
 def load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
@@ -37,17 +40,34 @@ def _command(cfg: dict) -> str:
     return ' '.join([f'recipes/{script}', f"--norm {cfg['norm']}", *flags, *extra])
 
 
+@functools.lru_cache
+def _recipes() -> dict:
+    """name -> Recipe of each script in the repository's recipes/ (none where the package is installed without it)."""
+    scripts = (runpy.run_path(str(f)) for f in sorted(RECIPES.glob('*.py')) if 'RECIPE = Recipe(' in f.read_text())
+    return {g['RECIPE'].name: g['RECIPE'] for g in scripts}
+
+
+def _trial(cfg: dict) -> str:
+    """A note naming what of the run (SPEC, AUGS) is not in its recipe file any more, so its command alone does not reproduce it."""
+    recipe = _recipes().get(cfg['recipe'])
+    if recipe is None: return ''
+    now = {'spec': recipe.spec, 'augs': [repr(a) for a in recipe.augs]}
+    differs = [k.upper() for k in now if k in cfg and cfg[k] != now[k]]
+    return f" (with a {' and '.join(differs)} not in the recipe file: see its config.json and train.log)" if differs else ''
+
+
 def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:
     """Markdown table of the runs (linked relative to `base`): command, params, epochs, accuracies, wall time, device."""
     lines = ['| run | command | params | epochs | train acc | test acc | wall time | device |', '|---|---|---|---|---|---|---|---|']
     for d, m, cfg in load_runs(run_dirs):
         note = ' (outside the assignment)' if m.get('outside_assignment') else ''
+        trial = _trial(cfg)
         wall = f"{m['wall_seconds'] / 60:.1f} min"
         if m.get('resumed'):  # the earlier invocations' wall time is not recorded; their epochs' times are
             wall = f"{m['epoch_seconds'] / 60:.1f} min of epochs ({wall} in the resumed invocation)"
         subset = f", {m['subset']} train images/class" if m.get('subset') else ''
         tta = f" (flip TTA: {100 * m['flip_tta_test_accuracy']:.2f} %)" if 'flip_tta_test_accuracy' in m else ''
-        lines.append(f"| [{d.name}]({Path(os.path.relpath(d, base)).as_posix()}/) | `{_command(cfg)}` | {m['params']:,} | {m['epochs']}{subset}{note} | "
+        lines.append(f"| [{d.name}]({Path(os.path.relpath(d, base)).as_posix()}/) | `{_command(cfg)}`{trial} | {m['params']:,} | {m['epochs']}{subset}{note} | "
                      f"{100 * m['train_accuracy']:.2f} % | **{100 * m['test_accuracy']:.2f} %**{tta} | "
                      f"{wall} | {m['device']} |")
     return '\n'.join(lines)
