@@ -53,7 +53,7 @@ def _trial(cfg: dict) -> str:
     if recipe is None: return ''
     now = {'spec': recipe.spec, 'augs': [repr(a) for a in recipe.augs]}
     differs = [k.upper() for k in now if k in cfg and cfg[k] != now[k]]
-    return f" (with a {' and '.join(differs)} not in the recipe file: see its config.json and train.log)" if differs else ''
+    return f" ({' and '.join(differs)} not the recipe file's: see its config.json and train.log)" if differs else ''
 
 
 def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:

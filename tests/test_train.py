@@ -130,13 +130,13 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     acc = json.loads((out / 'metrics.json').read_text())['test_accuracy']
     assert 'old' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')
     assert '--norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 --dropout 0 --no-ws ' in text  # reproducible as is
-    assert 'not in the recipe file' not in text
+    assert "not the recipe file's" not in text
     trial = tmp_path / 'trial'
     trial.mkdir()
     (trial / 'metrics.json').write_text((out / 'metrics.json').read_text())
     cfg = json.loads((out / 'config.json').read_text())
     (trial / 'config.json').write_text(json.dumps({**cfg, 'spec': cfg['spec'].replace(':', ':2', 1)}))
-    assert '(with a SPEC not in the recipe file: see its config.json and train.log)' in results_table([trial])
+    assert "(SPEC not the recipe file's: see its config.json and train.log)" in results_table([trial])
     fig = comparison_figure([out], 'one run')
     assert fig.axes[0].get_legend_handles_labels()[1] == [f'bn, bs 16 ({100 * acc:.2f} %)']  # the settings that differ per norm
 
