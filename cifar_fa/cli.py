@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 from dataclasses import fields
@@ -102,6 +103,12 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
     except (ConstraintError, DataError, RunError, DivergedError) as e:
         print(f'error: {str(e).strip().splitlines()[-1].strip()}', file=sys.stderr)  # fastai prefixes callback errors
         sys.exit(2)
+    except (MemoryError, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ENOMEM: raise
+        # e.g. forking the DataLoader workers once the heap's address space outgrew RAM (see the README's memory notes)
+        print(f"error: the system refused memory{f' ({e})' if str(e) else ''}; finished epochs are checkpointed: run the "
+              'same command with --resume to continue', file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print('\ninterrupted: finished epochs are checkpointed; run the same command with --resume to continue',
               file=sys.stderr)

@@ -1,3 +1,4 @@
+import errno
 import importlib
 import json
 import os
@@ -54,6 +55,24 @@ def test_sigterm_leaves_a_resumable_run(synth, tmp_path):
     r = recipe(*args, '--out', out, '--resume')
     assert r.returncode == 0, r.stderr
     assert json.loads((out / 'metrics.json').read_text())['epochs'] == 8
+
+
+def test_refused_memory_is_one_line_and_resumable(synth, tmp_path, monkeypatch, capsys):
+    from cifar_fa import main
+    from s8_norms import RECIPE
+    out, fork = tmp_path / 'run', os.fork
+    args = ['--data', str(synth), '--epochs', '2', '--bs', '32', '--out', str(out)]
+
+    def fork_after_first_epoch():  # as when the kernel refused to fork a worker from a heap that outgrew RAM
+        if (out / 'checkpoints' / 'last.json').exists(): raise OSError(errno.ENOMEM, 'Cannot allocate memory')
+        return fork()
+    monkeypatch.setattr(os, 'fork', fork_after_first_epoch)
+    with pytest.raises(SystemExit) as e: main(RECIPE, [*args, '--workers', '1'])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and 'refused memory' in err and '--resume' in err and 'Traceback' not in err
+    assert not (out / 'metrics.json').exists()
+    monkeypatch.setattr(os, 'fork', fork)
+    assert main(RECIPE, [*args, '--workers', '0', '--resume'])['epochs'] == 2
 
 
 @pytest.mark.parametrize('args,msg', [
