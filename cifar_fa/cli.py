@@ -82,6 +82,9 @@ def config_from_args(recipe: Recipe, argv: list[str] | None = None, **overrides)
     return RunConfig(**{**kw, 'recipe': recipe.name, **overrides})
 
 
+_RESUME_HINT = 'finished epochs are checkpointed; run the same command with --resume to continue'
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -106,12 +109,10 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
     except (MemoryError, OSError) as e:
         if isinstance(e, OSError) and e.errno != errno.ENOMEM: raise
         # e.g. forking the DataLoader workers once the heap's address space outgrew RAM (see the README's memory notes)
-        print(f"error: the system refused memory{f' ({e})' if str(e) else ''}; finished epochs are checkpointed: run the "
-              'same command with --resume to continue', file=sys.stderr)
+        print(f"error: the system refused memory{f' ({e})' if str(e) else ''}; {_RESUME_HINT}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print('\ninterrupted: finished epochs are checkpointed; run the same command with --resume to continue',
-              file=sys.stderr)
+        print(f'\ninterrupted: {_RESUME_HINT}', file=sys.stderr)
         sys.exit(130)
     if parent:
         from .report import write_comparison  # here: `python -m cifar_fa.report` warns if importing cifar_fa already did
