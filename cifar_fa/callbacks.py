@@ -1,7 +1,6 @@
 """Small fastai callbacks: GroupNorm treated like BatchNorm, plain epoch lines, resumable history and checkpoints."""
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -13,9 +12,10 @@ import torch
 import torch.nn as nn
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
+from fastai.learner import Recorder
 
 __all__ = ['GroupNormLikeBN', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN', 'atomic_write',
-           'ReleaseFreedMemory', 'release_freed_memory', 'DivergedError', 'last_epoch']
+           'FloatLosses', 'DivergedError', 'last_epoch']
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -39,31 +39,17 @@ class GroupNormLikeBN(Callback):
                 if self.learn.train_bn: state['force_train'] = True
 
 
-def _malloc_trim():
-    try: return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError): return None  # not glibc
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Hand the heap memory this process has freed back to the OS (glibc's `malloc_trim`; a no-op elsewhere)."""
-    if _MALLOC_TRIM is not None: _MALLOC_TRIM(0)
-
-
-class ReleaseFreedMemory(Callback):
-    """Call `release_freed_memory` every `every` training batches and after each epoch."""
-    # glibc keeps the pages freed by each batch's tensors: a fresh CPU S9 run grew by 0.35-0.55 GB a minute (23 GB by
-    # epoch 22) without this, and pinning glibc's mmap threshold instead made epochs 50 % slower (benchmarks/memory/)
-    order = 90
-
-    def __init__(self, every: int = 50): self.every = every
+class FloatLosses(Callback):
+    """Keep the Recorder's per-batch training losses as Python floats when training on the CPU."""
+    # fastai keeps one 0-dim tensor per batch; on the CPU each one's few small C++ allocations land between the freed
+    # activation blocks of glibc's heap and pin them, so a fresh S9 run's heap grew by ~0.85 GB an epoch until forking
+    # the DataLoader workers failed (benchmarks/memory/). On CUDA, `.item()` would wait for the GPU every batch.
+    order = Recorder.order + 1
 
     def after_batch(self):
-        if self.training and self.iter % self.every == 0: release_freed_memory()
-
-    def after_epoch(self): release_freed_memory()
+        losses = self.recorder.losses
+        if self.training and losses and isinstance(losses[-1], torch.Tensor) and losses[-1].device.type == 'cpu':
+            losses[-1] = losses[-1].item()
 
 
 class DivergedError(RuntimeError):

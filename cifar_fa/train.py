@@ -24,7 +24,7 @@ from fastai.metrics import accuracy
 from fastai.optimizer import SGD, Adam
 from fastai.torch_core import set_seed
 
-from .callbacks import (EpochCheckpoint, EpochState, GroupNormLikeBN, PlainProgress, ReleaseFreedMemory, ResumableCSVLogger, StopOnNaN,
+from .callbacks import (EpochCheckpoint, EpochState, FloatLosses, GroupNormLikeBN, PlainProgress, ResumableCSVLogger, StopOnNaN,
                         atomic_write, last_epoch)
 from .constraints import Constraints
 from .data import cifar10_path, cifar_dls
@@ -116,7 +116,7 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
                     device=device)
     loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing else CrossEntropyLossFlat()
     learn = Learner(dls, model, opt_func=OPTIMIZERS[cfg.opt], loss_func=loss, metrics=accuracy, wd=cfg.wd, path=path, model_dir='checkpoints',
-                    cbs=[GroupNormLikeBN(), StopOnNaN(), ReleaseFreedMemory()])
+                    cbs=[GroupNormLikeBN(), StopOnNaN(), FloatLosses()])
     learn.recorder.train_metrics = True
     learn.to_channelslast(use_amp=device.type == 'cuda')  # channels_last is ~2x faster for these convs on CPU too
     return learn

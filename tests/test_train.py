@@ -11,7 +11,7 @@ import torch.nn as nn
 from fastai.learner import load_learner
 from PIL import Image
 
-from cifar_fa import RunConfig, build_learner, callbacks, run
+from cifar_fa import RunConfig, build_learner, run
 from cifar_fa.report import results_table
 from conftest import CLASSES, ROOT
 from s8_norms import RECIPE as S8
@@ -175,30 +175,10 @@ def test_nan_loss_stops_with_advice(synth):
     with pytest.raises(DivergedError, match='lower --lr'): learn.fit(1, 1e-3)
 
 
-def test_freed_memory_is_released_every_few_training_batches(synth, monkeypatch):
-    calls = []
-    monkeypatch.setattr(callbacks, 'release_freed_memory', lambda: calls.append(1))
+def test_recorder_keeps_cpu_training_losses_as_floats(synth):
     learn = build_learner(S8, RunConfig('s8', bs=4, workers=0, device='cpu', data=str(synth), subset=2))
-    next(cb for cb in learn.cbs if isinstance(cb, callbacks.ReleaseFreedMemory)).every = 2
-    learn.fit(1, 1e-3)
-    assert len(calls) == len(range(0, len(learn.dls.train), 2)) + 1  # every 2nd training batch, then the epoch's end
-
-
-TRIM_CHECK = '''
-import ctypes
-from cifar_fa.callbacks import release_freed_memory
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
-libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: 1 MB blocks come from the heap, as once glibc has raised the threshold itself
-blocks = [libc.malloc(1 << 20) for _ in range(200)]
-for b in blocks: ctypes.memset(b, 1, 1 << 20)
-for b in blocks[:-1]: libc.free(b)  # the last block pins the top of the heap: free() alone returns nothing
-before = rss(); release_freed_memory(); print(before - rss())
-'''
-
-
-@pytest.mark.skipif(callbacks._MALLOC_TRIM is None, reason='needs glibc')  # the library's own detection, not a second one
-def test_release_freed_memory_returns_freed_heap_pages_to_the_os():
-    out = subprocess.run([sys.executable, '-c', TRIM_CHECK], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert int(out.stdout) >= 150  # MB of the 199 MB freed
+    learn.fit(2, 1e-3)
+    losses = learn.recorder.losses
+    assert len(losses) == 2 * len(learn.dls.train) and all(type(v) is float for v in losses)  # fastai keeps 0-dim tensors
+    assert losses[-1] == pytest.approx(float(learn.recorder.smooth_loss.value))
+    learn.recorder.plot_loss(skip_start=0)
