@@ -182,3 +182,11 @@ def test_recorder_keeps_cpu_training_losses_as_floats(synth):
     assert len(losses) == 2 * len(learn.dls.train) and all(type(v) is float for v in losses)  # fastai keeps 0-dim tensors
     assert losses[-1] == pytest.approx(float(learn.recorder.smooth_loss.value))
     learn.recorder.plot_loss(skip_start=0)
+
+
+@pytest.mark.parametrize('run_dir', sorted(p.parent.name for p in (ROOT / 'results').glob('*/model.pkl')))
+def test_committed_learner_loads_with_its_weights(run_dir):
+    learn = load_learner(ROOT / 'results' / run_dir / 'model.pkl')  # breaks when a pickled library class is renamed
+    weights = torch.load(ROOT / 'results' / run_dir / 'model.pth', map_location='cpu')
+    assert weights.keys() == learn.model.state_dict().keys()
+    assert all(torch.equal(v, weights[k]) for k, v in learn.model.state_dict().items())
