@@ -86,7 +86,16 @@ _RESUME_HINT = 'finished epochs are checkpointed; run the same command with --re
 
 
 def _interrupt(signum, frame):
+    # `pkill -f` or a cluster's scheduler signals the DataLoader workers too: torch's SIGCHLD handler would then
+    # report their deaths as a second error while the interrupt unwinds
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     raise KeyboardInterrupt
+
+
+def _stop_requested(e: BaseException) -> bool:
+    """Whether `e` is Ctrl-C or SIGTERM, or torch reporting workers that SIGTERM stopped (before `_interrupt` ran)."""
+    return (isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt)
+            or 'killed by signal: Terminated' in str(e))
 
 
 def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
@@ -108,10 +117,11 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
         sys.exit(2)
     except (MemoryError, OSError) as e:
         if isinstance(e, OSError) and e.errno != errno.ENOMEM: raise
-        # e.g. forking the DataLoader workers once the heap's address space outgrew RAM (see the README's memory notes)
+        # e.g. forking the DataLoader workers when the process's memory outgrew the machine's (README: memory notes)
         print(f"error: the system refused memory{f' ({e})' if str(e) else ''}; {_RESUME_HINT}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError) as e:
+        if not _stop_requested(e): raise
         print(f'\ninterrupted: {_RESUME_HINT}', file=sys.stderr)
         sys.exit(130)
     if parent:

@@ -42,15 +42,22 @@ def test_end_to_end_run(synth, tmp_path):
     assert again.returncode == 2 and 'already holds a run' in again.stderr and 'Traceback' not in again.stderr
 
 
-def test_sigterm_leaves_a_resumable_run(synth, tmp_path):
-    out, args = tmp_path / 'run', ['--data', synth, '--epochs', 8, '--bs', 4, '--workers', 0]
+def _children(pid: int) -> list[str]:
+    with open(f'/proc/{pid}/task/{pid}/children') as f: return f.read().split()
+
+
+@pytest.mark.parametrize('workers,group', [(0, False), (2, True)])
+def test_sigterm_leaves_a_resumable_run(synth, tmp_path, workers, group):
+    out, args = tmp_path / 'run', ['--data', synth, '--epochs', 8, '--bs', 4, '--workers', workers]
     env = {**os.environ, 'PYTHONPATH': str(ROOT), 'MPLBACKEND': 'Agg'}
     p = subprocess.Popen([sys.executable, S8, *map(str, args), '--out', str(out)], cwd=ROOT, env=env, text=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=group)
     while not (out / 'checkpoints' / 'last.json').exists() and p.poll() is None: time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
+    while workers and len(_children(p.pid)) < workers and p.poll() is None: time.sleep(0.05)
+    if group: os.killpg(p.pid, signal.SIGTERM)  # as `pkill -f` or a cluster's scheduler: the DataLoader workers too
+    else: p.send_signal(signal.SIGTERM)
     err = p.communicate(timeout=120)[1]
-    assert p.returncode == 130 and '--resume' in err and 'Traceback' not in err
+    assert p.returncode == 130 and '--resume' in err and 'Traceback' not in err, err
     assert not (out / 'metrics.json').exists()
     r = recipe(*args, '--out', out, '--resume')
     assert r.returncode == 0, r.stderr
