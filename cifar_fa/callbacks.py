@@ -41,9 +41,9 @@ class GroupNormLikeBN(Callback):
 
 class FloatLosses(Callback):
     """Keep the Recorder's per-batch training losses as Python floats when training on the CPU."""
-    # fastai keeps one 0-dim tensor per batch; on the CPU each one's few small C++ allocations land between the freed
-    # activation blocks of glibc's heap and pin them, so a fresh S9 run's heap grew by ~0.85 GB an epoch until forking
-    # the DataLoader workers failed (benchmarks/memory/). On CUDA, `.item()` would wait for the GPU every batch.
+    # fastai keeps one 0-dim tensor per batch; on the CPU each one's few small C++ allocations land between the
+    # freed activation blocks of glibc's heap and pin them, so a fresh S9 run's heap grew by 0.7-0.95 GB an epoch
+    # until forking the DataLoader workers failed (benchmarks/memory/). On CUDA, `.item()` would wait for the GPU.
     order = Recorder.order + 1
 
     def after_batch(self):
