@@ -96,15 +96,19 @@ def load_run(run_dir: Path, weights: Path | None = None, data: str | None = None
     return learn
 
 
-def review_run(run_dir: Path, k: int = 16, data: str | None = None, weights: Path | None = None) -> dict:
-    """(Re)write the review figures of a finished run on the test split; return its metrics."""
+def review_run(run_dir: Path, k: int = 16, data: str | None = None, weights: Path | None = None, tta: bool = False) -> dict:
+    """(Re)write the review figures of a finished run on the test split; return its metrics (`tta`: with flip TTA)."""
     from .data import cifar10_path, image_files
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / 'config.json').read_text())
     learn = load_run(run_dir, weights, data)
     tests = [f for f in image_files(cifar10_path(data or cfg['data_path'])) if f.parent.parent.name == 'test']
     dl = learn.dls.test_dl(tests, with_labels=True)
-    with learn.no_bar(): return review(learn, run_dir, f"{cfg['recipe']} --norm {cfg['norm']}", k=k, dl=dl)
+    with learn.no_bar(): metrics = review(learn, run_dir, f"{cfg['recipe']} --norm {cfg['norm']}", k=k, dl=dl)
+    if tta:
+        probs, targs = flip_tta(learn, dl)
+        metrics['flip_tta_test_accuracy'] = float((probs.argmax(1) == targs).float().mean())
+    return metrics
 
 
 def predict_image(learn: Learner, image: Path, top: int = 3) -> list[tuple[str, float]]:

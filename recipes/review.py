@@ -10,6 +10,7 @@ p = argparse.ArgumentParser(description=__doc__, epilog="RUN_DIR/model.pkl is a 
 p.add_argument('run_dir', help='a run folder (runs/... or results/...) holding model.pkl and config.json')
 p.add_argument('--k', type=int, default=16, help='how many top losses to plot')
 p.add_argument('--data', help="CIFAR-10 folder or .tgz (default: the run's own data)")
+p.add_argument('--tta', action='store_true', help='also print the test accuracy with flip test-time augmentation')
 p.add_argument('--image', help='predict this one image and print the top-3 classes instead')
 p.add_argument('--weights', help='a .pth of plain weights (e.g. RUN_DIR/checkpoints/last.pth) to load instead of model.pkl')
 args = p.parse_args()
@@ -18,8 +19,9 @@ try:
         for label, prob in predict_image(load_run(args.run_dir, args.weights, args.data), args.image):
             print(f'{label:12s} {prob:.3f}')
     else:
-        m = review_run(args.run_dir, args.k, args.data, args.weights)
+        m = review_run(args.run_dir, args.k, args.data, args.weights, args.tta)
         print(f"test accuracy {100 * m['test_accuracy']:.2f} % on {m['n_test']} images")
+        if args.tta: print(f"with flip TTA {100 * m['flip_tta_test_accuracy']:.2f} %")
         print('\n'.join(f'  {c:12s} {100 * a:.1f} %' for c, a in m['per_class_accuracy'].items()))
         print('most confused (true, predicted, count):', *m['most_confused'], sep='\n  ')
 except (DataError, FileNotFoundError) as e:

@@ -19,7 +19,7 @@ AUGS = [
 
 HPARAMS = dict(norm='bn', epochs=40, bs=128, opt='sgd', lr=0.1, wd=5e-4, label_smoothing=0.1)
 
-RECIPE = Recipe('s9', SPEC, AUGS, defaults=HPARAMS, constraints=Constraints(
+RECIPE = Recipe('s9', SPEC, AUGS, defaults=HPARAMS, tta=True, constraints=Constraints(
     max_params=200_000, min_rf=44, max_epochs=40, blocks='C1 C2 C3 C4 GAP', block_convs=3,
     need_dilated=True, need_separable=True))
 

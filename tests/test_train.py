@@ -146,9 +146,10 @@ def test_review_script(trained, synth, tmp_path):
     before = {f: (out / f).stat().st_mtime_ns for f in ('top_losses.png', 'misclassified.png', 'confusion.png')}
     env = {**os.environ, 'PYTHONPATH': str(ROOT)}
     review = [sys.executable, str(ROOT / 'recipes' / 'review.py'), str(out)]
-    r = subprocess.run([*review, '--k', '4'], capture_output=True, text=True, env=env)
+    r = subprocess.run([*review, '--k', '4', '--tta'], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert f"{100 * metrics['test_accuracy']:.2f} %" in r.stdout and CLASSES[9] in r.stdout
+    assert f"with flip TTA {100 * metrics['flip_tta_test_accuracy']:.2f} %" in r.stdout  # same figure as the run's own
     assert all((out / f).stat().st_mtime_ns > t for f, t in before.items())
     img = tmp_path / 'odd.png'
     Image.open(sorted((synth / 'test' / CLASSES[5]).iterdir())[0]).convert('L').resize((48, 40)).save(img)
