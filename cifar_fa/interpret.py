@@ -17,7 +17,7 @@ from fastai.torch_core import show_image
 
 from .data import AlbumentationsTransform
 
-__all__ = ['plot_curves', 'plot_misclassified', 'review', 'flip_tta', 'load_run', 'review_run', 'predict_image']
+__all__ = ['plot_curves', 'plot_misclassified', 'review', 'flip_tta', 'flip_tta_accuracy', 'load_run', 'review_run', 'predict_image']
 
 
 def _save(fig: matplotlib.figure.Figure, path: Path) -> None:
@@ -80,6 +80,12 @@ def flip_tta(learn: Learner, dl: DataLoader | None = None) -> tuple[torch.Tensor
         return learn.tta(dl=dl, n=1, item_tfms=flip, batch_tfms=list(dl.after_batch.fs), beta=0.5)
 
 
+def flip_tta_accuracy(learn: Learner, dl: DataLoader | None = None) -> float:
+    """Test-set accuracy with flip test-time augmentation (`flip_tta`)."""
+    probs, targs = flip_tta(learn, dl)
+    return float((probs.argmax(1) == targs).float().mean())
+
+
 def load_run(run_dir: Path, weights: Path | None = None, data: str | None = None) -> Learner:
     """The Learner of a finished run: unpickled from its model.pkl (runs code from it: trusted folders only), or,
     with `weights`, rebuilt from its config.json with plain weights loaded by `learn.load` (no code is run)."""
@@ -105,9 +111,7 @@ def review_run(run_dir: Path, k: int = 16, data: str | None = None, weights: Pat
     tests = [f for f in image_files(cifar10_path(data or cfg['data_path'])) if f.parent.parent.name == 'test']
     dl = learn.dls.test_dl(tests, with_labels=True)
     with learn.no_bar(): metrics = review(learn, run_dir, f"{cfg['recipe']} --norm {cfg['norm']}", k=k, dl=dl)
-    if tta:
-        probs, targs = flip_tta(learn, dl)
-        metrics['flip_tta_test_accuracy'] = float((probs.argmax(1) == targs).float().mean())
+    if tta: metrics['flip_tta_test_accuracy'] = flip_tta_accuracy(learn, dl)
     return metrics
 
 

@@ -28,7 +28,7 @@ from .callbacks import (EpochCheckpoint, EpochState, FloatLosses, GroupNormLikeB
                         atomic_write, last_epoch)
 from .constraints import Constraints
 from .data import cifar10_path, cifar_dls
-from .interpret import flip_tta, plot_curves, review
+from .interpret import flip_tta_accuracy, plot_curves, review
 from .models import SpecNet, count_params
 from .receptive_field import rf_table, total_rf
 
@@ -186,9 +186,7 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
                    epochs=int(history.epoch.iloc[-1]) + 1, train_accuracy=float(history.train_accuracy.iloc[-1]),
                    **review(learn, out, title), epoch_seconds=int(_seconds(history.time).sum()), device=_device_name(device),
                    data=str(data_path), subset=cfg.subset, outside_assignment=cfg.outside_assignment)
-    if recipe.tta:
-        probs, targs = flip_tta(learn)
-        metrics['flip_tta_test_accuracy'] = float((probs.argmax(1) == targs).float().mean())
+    if recipe.tta: metrics['flip_tta_test_accuracy'] = flip_tta_accuracy(learn)
     learn.export('model.pkl')
     learn.save((out / 'model').resolve(), with_opt=False)  # plain weights: loading them runs no code
     metrics['wall_seconds'] = round(time.time() - t0, 1)  # this invocation (after --resume: the resumed part only)
