@@ -85,10 +85,14 @@ def config_from_args(recipe: Recipe, argv: list[str] | None = None, **overrides)
 _RESUME_HINT = 'finished epochs are checkpointed; run the same command with --resume to continue'
 
 
+def _ignore_signal(signum, frame): pass
+
+
 def _interrupt(signum, frame):
     # `pkill -f` or a cluster's scheduler signals the DataLoader workers too: torch's SIGCHLD handler would then
-    # report their deaths as a second error while the interrupt unwinds
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # report their deaths as a second error while the interrupt unwinds. A Python no-op, not SIG_DFL: a SIGCHLD
+    # already pending would otherwise surface as "OSError: Signal 17 ignored due to race condition"
+    signal.signal(signal.SIGCHLD, _ignore_signal)
     raise KeyboardInterrupt
 
 

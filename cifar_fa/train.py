@@ -27,7 +27,7 @@ from fastai.torch_core import set_seed
 from .callbacks import (EpochCheckpoint, EpochState, FloatLosses, GroupNormLikeBN, PlainProgress, ResumableCSVLogger, StopOnNaN,
                         atomic_write, last_epoch)
 from .constraints import Constraints
-from .data import cifar10_path, cifar_dls
+from .data import DataError, cifar10_path, cifar_dls
 from .interpret import flip_tta_accuracy, plot_curves, review
 from .models import SpecNet, count_params
 from .receptive_field import rf_table, total_rf
@@ -114,6 +114,8 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
     model = model or build_model(recipe, cfg)
     dls = cifar_dls(data_path or cifar10_path(cfg.data), recipe.augs, bs=cfg.bs, n_per_class=cfg.subset, workers=cfg.workers,
                     device=device)
+    if len(dls.train) == 0:  # fastai drops the last partial batch, and would fail later on an empty DataLoader
+        raise DataError(f'{len(dls.train_ds):,} training images make no full batch of {cfg.bs}; lower --bs or raise --subset')
     loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing else CrossEntropyLossFlat()
     learn = Learner(dls, model, opt_func=OPTIMIZERS[cfg.opt], loss_func=loss, metrics=accuracy, wd=cfg.wd, path=path, model_dir='checkpoints',
                     cbs=[GroupNormLikeBN(), StopOnNaN(), FloatLosses()])

@@ -42,6 +42,13 @@ def test_end_to_end_run(synth, tmp_path):
     assert again.returncode == 2 and 'already holds a run' in again.stderr and 'Traceback' not in again.stderr
 
 
+def test_fewer_images_than_a_batch_is_one_line(synth, tmp_path):
+    r = recipe('--data', synth, '--subset', 2, '--bs', 32, '--epochs', 1, '--workers', 0, '--out', tmp_path / 'run')
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        'error: 20 training images make no full batch of 32; lower --bs or raise --subset', r.stderr
+    assert 'Traceback' not in r.stderr
+
+
 def _children(pid: int) -> list[str]:
     with open(f'/proc/{pid}/task/{pid}/children') as f: return f.read().split()
 
@@ -62,6 +69,28 @@ def test_sigterm_leaves_a_resumable_run(synth, tmp_path, workers, group):
     r = recipe(*args, '--out', out, '--resume')
     assert r.returncode == 0, r.stderr
     assert json.loads((out / 'metrics.json').read_text())['epochs'] == 8
+
+
+def test_sigterm_with_a_pending_sigchld_is_one_interrupt():
+    # SIGTERM to the process group: the workers' SIGCHLD can be pending when the SIGTERM handler runs
+    code = """if True:
+        import os, signal
+        from cifar_fa.cli import _interrupt
+        signal.signal(signal.SIGCHLD, lambda *a: print('SIGCHLD handled'))  # as torch's DataLoader installs one
+        signal.signal(signal.SIGTERM, _interrupt)
+        both = {signal.SIGTERM, signal.SIGCHLD}
+        signal.pthread_sigmask(signal.SIG_BLOCK, both)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGCHLD)
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, both)  # both handlers run now, SIGTERM's first
+            print('not interrupted')
+        except KeyboardInterrupt:
+            print('interrupted')
+        print('done')"""
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    assert r.returncode == 0 and r.stdout.split() == ['interrupted', 'done'] and 'Traceback' not in r.stderr, (r.stdout, r.stderr)
 
 
 def test_refused_memory_is_one_line_and_resumable(synth, tmp_path, monkeypatch, capsys):
