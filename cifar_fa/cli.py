@@ -60,6 +60,8 @@ def parser(recipe: Recipe) -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=d['seed'])
     p.add_argument('--workers', type=int, default=d['workers'], help='DataLoader workers (default: min(4, CPUs))')
     p.add_argument('--device', default=d['device'], help='auto, cpu or cuda')
+    p.add_argument('--spec', default=None, help="the network as a spec string (README: Models are specs) instead of the "
+                                               "recipe's SPEC; the assignment's constraints still apply")
     p.add_argument('--subset', type=_positive(int), default=None, help='use N training images per class (quick looks)')
     p.add_argument('--out', default=None, help="run folder (default runs/<recipe>_<norm>); with --norm all, the folder "
                                               "that holds one per norm and the comparison (default runs)")

@@ -36,8 +36,10 @@ def _command(cfg: dict) -> str:
     script = Path(argv[0]).name if argv else f"{cfg['recipe']}.py"
     hp = {'opt': 'adam', 'ws': False, **cfg}  # runs made before --opt and --ws existed used Adam and plain convs
     flags = [flag(k, hp[k]) for k in _FLAGS if hp.get(k) is not None]
+    recipe = _recipes().get(cfg['recipe'])
+    spec = [f"--spec '{cfg['spec']}'"] if recipe and cfg.get('spec', recipe.spec) != recipe.spec else []
     extra = ['--outside-assignment'] if cfg.get('outside_assignment') else []
-    return ' '.join([f'recipes/{script}', f"--norm {cfg['norm']}", *flags, *extra])
+    return ' '.join([f'recipes/{script}', f"--norm {cfg['norm']}", *flags, *spec, *extra])
 
 
 @functools.lru_cache
@@ -48,12 +50,10 @@ def _recipes() -> dict:
 
 
 def _trial(cfg: dict) -> str:
-    """A note naming what of the run (SPEC, AUGS) is not in its recipe file any more, so its command alone does not reproduce it."""
+    """A note when the run's augmentations are not its recipe file's any more, so its command alone does not reproduce it."""
     recipe = _recipes().get(cfg['recipe'])
-    if recipe is None: return ''
-    now = {'spec': recipe.spec, 'augs': [repr(a) for a in recipe.augs]}
-    differs = [k.upper() for k in now if k in cfg and cfg[k] != now[k]]
-    return f" ({' and '.join(differs)} not the recipe file's: see its config.json and train.log)" if differs else ''
+    if recipe is None or 'augs' not in cfg or cfg['augs'] == [repr(a) for a in recipe.augs]: return ''
+    return " (AUGS not the recipe file's: see its config.json and train.log)"
 
 
 def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:

@@ -81,6 +81,7 @@ class RunConfig:
     resume: bool = False
     overwrite: bool = False
     outside_assignment: bool = False
+    spec: str | None = None  # the network; None: the recipe's SPEC
 
 
 def pick_device(name: str) -> torch.device:
@@ -94,7 +95,10 @@ def pick_device(name: str) -> torch.device:
 def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
     """The recipe's network with `cfg`'s norm, dropout and seed, checked against the assignment's constraints."""
     set_seed(cfg.seed, reproducible=True)
-    model = SpecNet(recipe.spec, cfg.norm, dropout=cfg.dropout, ws=cfg.ws)
+    try: model = SpecNet(cfg.spec or recipe.spec, cfg.norm, dropout=cfg.dropout, ws=cfg.ws)
+    except ValueError as e:
+        if not cfg.spec: raise
+        raise RunError(f'--spec: {e}') from None
     if not cfg.outside_assignment: recipe.constraints.check(model, cfg.epochs)
     return model
 
@@ -161,18 +165,20 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     device = learn.dls.device
     start = last_epoch(out / 'checkpoints') + 1 if cfg.resume else 0
     state = None
+    prev = json.loads((out / 'config.json').read_text()) if cfg.resume else {}
+    if prev.get('spec', model.spec) != model.spec:
+        raise RunError(f"{out} holds a run of another network ({prev['spec']}); resume it with that --spec")
     if cfg.resume:
         learn.load('last', with_opt=True)
         state = json.loads((out / 'checkpoints' / 'last.json').read_text()).get('state')
         hist = pd.read_csv(out / 'history.csv')  # drop any row logged after the checkpoint was taken
         atomic_write(out / 'history.csv', hist[hist.epoch < start].to_csv(index=False))
-    prev = json.loads((out / 'config.json').read_text()) if cfg.resume else {}
     lr = prev.get('lr_used') if cfg.resume else cfg.lr
     if lr == 'find':
         lr = float(learn.lr_find().valley)
         plt.gcf().savefig(out / 'lr_find.png', dpi=110)  # plot_lr_find(return_fig=True) returns None in fastai 2.8.12
         plt.close('all')
-    config = dict(asdict(cfg), lr_used=lr, spec=recipe.spec, augs=[repr(a) for a in recipe.augs], data_path=str(data_path),
+    config = dict(asdict(cfg), lr_used=lr, spec=model.spec, augs=[repr(a) for a in recipe.augs], data_path=str(data_path),
                   device_name=_device_name(device), versions=_versions(), argv=sys.argv)
     atomic_write(out / 'config.json', json.dumps(config, indent=2))
     summary = describe(recipe, model)
@@ -184,7 +190,7 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     history = pd.read_csv(out / 'history.csv')
     title = f'{recipe.name} --norm {cfg.norm}'
     plot_curves(history, title).savefig(out / 'curves.png', dpi=110, bbox_inches='tight')
-    metrics = dict(recipe=recipe.name, norm=cfg.norm, params=count_params(model), rf=total_rf(recipe.spec),
+    metrics = dict(recipe=recipe.name, norm=cfg.norm, params=count_params(model), rf=total_rf(model.spec),
                    epochs=int(history.epoch.iloc[-1]) + 1, train_accuracy=float(history.train_accuracy.iloc[-1]),
                    **review(learn, out, title), epoch_seconds=int(_seconds(history.time).sum()), device=_device_name(device),
                    data=str(data_path), subset=cfg.subset, outside_assignment=cfg.outside_assignment)

@@ -135,8 +135,11 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     trial.mkdir()
     (trial / 'metrics.json').write_text((out / 'metrics.json').read_text())
     cfg = json.loads((out / 'config.json').read_text())
-    (trial / 'config.json').write_text(json.dumps({**cfg, 'spec': cfg['spec'].replace(':', ':2', 1)}))
-    assert "(SPEC not the recipe file's: see its config.json and train.log)" in results_table([trial])
+    spec = cfg['spec'].replace(':', ':2', 1)
+    (trial / 'config.json').write_text(json.dumps({**cfg, 'spec': spec}))
+    assert f"--no-ws --seed 42 --spec '{spec}'`" in results_table([trial])  # a network trial is reproducible as is
+    (trial / 'config.json').write_text(json.dumps({**cfg, 'augs': cfg['augs'][:-1]}))
+    assert "--seed 42` (AUGS not the recipe file's: see its config.json and train.log)" in results_table([trial])
     fig = comparison_figure([out], 'one run')
     assert fig.axes[0].get_legend_handles_labels()[1] == [f'bn, bs 16 ({100 * acc:.2f} %)']  # the settings that differ per norm
 
