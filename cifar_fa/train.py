@@ -178,8 +178,10 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
         lr = float(learn.lr_find().valley)
         plt.gcf().savefig(out / 'lr_find.png', dpi=110)  # plot_lr_find(return_fig=True) returns None in fastai 2.8.12
         plt.close('all')
+    devices = list(dict.fromkeys([*prev.get('devices', [prev['device_name']] if 'device_name' in prev else []),
+                                  _device_name(device)]))  # a run resumed elsewhere names every device it trained on
     config = dict(asdict(cfg), lr_used=lr, spec=model.spec, augs=[repr(a) for a in recipe.augs], data_path=str(data_path),
-                  device_name=_device_name(device), versions=_versions(), argv=sys.argv)
+                  device_name=_device_name(device), devices=devices, versions=_versions(), argv=sys.argv)
     atomic_write(out / 'config.json', json.dumps(config, indent=2))
     summary = describe(recipe, model)
     atomic_write(out / 'summary.txt', f'{summary}\n{learn.summary()}\n')
@@ -192,7 +194,7 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     plot_curves(history, title).savefig(out / 'curves.png', dpi=110, bbox_inches='tight')
     metrics = dict(recipe=recipe.name, norm=cfg.norm, params=count_params(model), rf=total_rf(model.spec),
                    epochs=int(history.epoch.iloc[-1]) + 1, train_accuracy=float(history.train_accuracy.iloc[-1]),
-                   **review(learn, out, title), epoch_seconds=int(_seconds(history.time).sum()), device=_device_name(device),
+                   **review(learn, out, title), epoch_seconds=int(_seconds(history.time).sum()), device=', then '.join(devices),
                    data=str(data_path), subset=cfg.subset, outside_assignment=cfg.outside_assignment)
     if recipe.tta: metrics['flip_tta_test_accuracy'] = flip_tta_accuracy(learn)
     learn.export('model.pkl')

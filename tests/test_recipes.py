@@ -86,9 +86,12 @@ def test_sigterm_leaves_a_resumable_run(synth, tmp_path, workers, group):
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 130 and '--resume' in err and 'Traceback' not in err, err
     assert not (out / 'metrics.json').exists()
+    cfg = json.loads((out / 'config.json').read_text())
+    (out / 'config.json').write_text(json.dumps({**cfg, 'device_name': 'GPU X', 'devices': ['GPU X']}))  # as if begun on another machine
     r = recipe(*args, '--out', out, '--resume')
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / 'metrics.json').read_text())['epochs'] == 8
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['epochs'] == 8 and m['device'].startswith('GPU X, then CPU (')
 
 
 def test_sigterm_with_a_pending_sigchld_is_one_interrupt():
