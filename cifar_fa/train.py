@@ -178,10 +178,11 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
         lr = float(learn.lr_find().valley)
         plt.gcf().savefig(out / 'lr_find.png', dpi=110)  # plot_lr_find(return_fig=True) returns None in fastai 2.8.12
         plt.close('all')
-    devices = list(dict.fromkeys([*prev.get('devices', [prev['device_name']] if 'device_name' in prev else []),
-                                  _device_name(device)]))  # a run resumed elsewhere names every device it trained on
+    name = _device_name(device)
+    earlier = prev.get('devices') or ([prev['device_name']] if 'device_name' in prev else [])
+    devices = earlier if earlier[-1:] == [name] else [*earlier, name]  # a run resumed elsewhere names each device in turn
     config = dict(asdict(cfg), lr_used=lr, spec=model.spec, augs=[repr(a) for a in recipe.augs], data_path=str(data_path),
-                  device_name=_device_name(device), devices=devices, versions=_versions(), argv=sys.argv)
+                  device_name=name, devices=devices, versions=_versions(), argv=sys.argv)
     atomic_write(out / 'config.json', json.dumps(config, indent=2))
     summary = describe(recipe, model)
     atomic_write(out / 'summary.txt', f'{summary}\n{learn.summary()}\n')
