@@ -90,11 +90,19 @@ _RESUME_HINT = 'finished epochs are checkpointed; run the same command with --re
 def _ignore_signal(signum, frame): pass
 
 
+def _quiet_half_built_loader(unraisable) -> None:
+    # an interrupt inside a DataLoader iterator's __init__ leaves it half built; its __del__ then fails on a missing
+    # attribute after its `finally` has stopped the workers, and that report would follow the one-line interrupt
+    if getattr(unraisable.object, '__qualname__', '') != '_MultiProcessingDataLoaderIter.__del__':
+        sys.__unraisablehook__(unraisable)
+
+
 def _interrupt(signum, frame):
     # `pkill -f` or a cluster's scheduler signals the DataLoader workers too: torch's SIGCHLD handler would then
     # report their deaths as a second error while the interrupt unwinds. A Python no-op, not SIG_DFL: a SIGCHLD
     # already pending would otherwise surface as "OSError: Signal 17 ignored due to race condition"
     signal.signal(signal.SIGCHLD, _ignore_signal)
+    sys.unraisablehook = _quiet_half_built_loader
     raise KeyboardInterrupt
 
 

@@ -116,6 +116,28 @@ def test_sigterm_with_a_pending_sigchld_is_one_interrupt():
     assert r.returncode == 0 and r.stdout.split() == ['interrupted', 'done'] and 'Traceback' not in r.stderr, (r.stdout, r.stderr)
 
 
+def test_sigterm_during_a_loader_iterators_start_is_one_interrupt():
+    # SIGTERM inside _MultiProcessingDataLoaderIter.__init__ leaves the iterator half built, as `__new__` alone does here
+    code = """if True:
+        import signal
+        from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+        from cifar_fa.cli import _interrupt
+        signal.signal(signal.SIGTERM, _interrupt)
+        try: signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt: print('interrupted')
+        half_built = _MultiProcessingDataLoaderIter.__new__(_MultiProcessingDataLoaderIter)
+        del half_built
+        class Other:
+            def __del__(self): raise ValueError('other cleanup errors are still reported')
+        other = Other()
+        del other
+        print('done')"""
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    assert r.returncode == 0 and r.stdout.split() == ['interrupted', 'done'], (r.stdout, r.stderr)
+    assert '_MultiProcessingDataLoaderIter' not in r.stderr and 'other cleanup errors are still reported' in r.stderr, r.stderr
+
+
 def test_refused_memory_is_one_line_and_resumable(synth, tmp_path, monkeypatch, capsys):
     from cifar_fa import main
     from s8_norms import RECIPE
