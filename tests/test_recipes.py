@@ -199,7 +199,9 @@ def test_norm_all_writes_comparison(synth, tmp_path):
 def test_epoch_cap_override_is_explicit():
     assert recipe('--epochs', 21, '--dry-run').returncode == 2
     r = recipe('--epochs', 21, '--outside-assignment', '--dry-run')
-    assert r.returncode == 0 and 'constraints' in r.stdout
+    assert r.returncode == 0 and 'constraints: not met, not enforced (--outside-assignment): --epochs 21 is above' in r.stdout
+    assert 'constraints: ok' not in r.stdout
+    assert 'constraints: ok' in recipe('--outside-assignment', '--dry-run').stdout  # a model that meets them says so
 
 
 def test_explore_notebook_runs(synth, monkeypatch):
