@@ -128,17 +128,19 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
     return learn
 
 
-def _prepare_out(cfg: RunConfig, spec: str) -> Path:
+def _prepare_out(cfg: RunConfig, spec: str) -> tuple[Path, dict]:
+    """The run folder, checked and made, and on --resume the config.json of the run it continues."""
     out = Path(cfg.out or f'runs/{cfg.recipe}_{cfg.norm}')
     if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise RunError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
     if cfg.resume and last_epoch(out / 'checkpoints') is None:
         raise RunError(f"{out} has no checkpoint to resume from; start it without --resume")
-    if cfg.resume and (prev := json.loads((out / 'config.json').read_text()).get('spec', spec)) != spec:
-        raise RunError(f"{out} holds a run of another network ({prev}); resume it with that --spec")
+    prev = json.loads((out / 'config.json').read_text()) if cfg.resume else {}
+    if prev.get('spec', spec) != spec:
+        raise RunError(f"{out} holds a run of another network ({prev['spec']}); resume it with that --spec")
     if cfg.overwrite and not cfg.resume: shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out, prev
 
 
 def _versions() -> dict:
@@ -161,13 +163,12 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     model = build_model(recipe, cfg)
     pick_device(cfg.device)
     data_path = cifar10_path(cfg.data)  # bad data or device fail here, before any output exists
-    out = _prepare_out(cfg, model.spec)
+    out, prev = _prepare_out(cfg, model.spec)
     learn = build_learner(recipe, cfg, out, model, data_path)
     if not sys.stdout.isatty(): learn.remove_cb(ProgressCallback).add_cb(PlainProgress())  # bars garble log files
     device = learn.dls.device
     start = last_epoch(out / 'checkpoints') + 1 if cfg.resume else 0
     state = None
-    prev = json.loads((out / 'config.json').read_text()) if cfg.resume else {}
     if cfg.resume:
         learn.load('last', with_opt=True)
         state = json.loads((out / 'checkpoints' / 'last.json').read_text()).get('state')
