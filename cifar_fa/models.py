@@ -84,6 +84,8 @@ class SpecNet(nn.Module):
             if l.add and shapes[l.add] != width:
                 raise ValueError(f"spec layer {l.name} ({width} channels) cannot add {l.add} ({shapes[l.add]} channels)")
             shapes[l.name] = width
+        from .receptive_field import rf_table  # here: receptive_field imports this module
+        rf_table(spec)  # raises if a `+SOURCE` adds a map of another size than this layer's (32x32 inputs)
         self.layers = nn.ModuleDict(layers)
         self.skips = {l.name: l.add for l in specs if l.add}
         self._sources = set(self.skips.values())

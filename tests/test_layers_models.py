@@ -108,5 +108,6 @@ def test_bad_specs(spec, msg):
     with pytest.raises(ValueError, match=msg): parse_spec(spec)
 
 
-def test_skip_channel_mismatch():
-    with pytest.raises(ValueError, match='cannot add'): SpecNet('C1:8 C2:16+C1 GAP C3')
+@pytest.mark.parametrize('spec', ['C1:8 C2:16+C1 GAP C3', 'C1:8 P1 C2:8+C1 GAP C3'])  # channels, then map size
+def test_skip_mismatch_fails_when_built(spec):
+    with pytest.raises(ValueError, match='cannot add'): SpecNet(spec)
