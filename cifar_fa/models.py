@@ -40,6 +40,8 @@ def _parse_token(tok: str, after_gap: bool) -> LayerSpec:
     if not m: raise ValueError(f"spec token {tok!r} is not NAME[:width][/d2|/s2|/k5|/dw][+SOURCE]")
     name, nf, add = m['name'], m['nf'] and int(m['nf']), m['add']
     opts = [o for o in m['opts'].split('/') if o]
+    if nf == 0 or any(o != 'dw' and int(o[1:]) == 0 for o in opts):
+        raise ValueError(f"spec token {tok!r}: widths, /d, /s and /k must be at least 1")
     if name == 'GAP': return LayerSpec(name, 'gap')
     if after_gap: return LayerSpec(name, 'head', nf=nf, ks=1)  # any name: the 1x1 conv to the classes
     if name[0] == 'P': return LayerSpec(name, 'pool', ks=2, stride=2)
@@ -56,6 +58,7 @@ def parse_spec(spec: str) -> list[LayerSpec]:
     """Parse a spec such as `'C1:16 C2:32 c3:16 P1 C3:32 C4:32 C5:32+C3 GAP C10'` into layers.
 
     A trailing lower-case letter groups convs into blocks: `C1a:32 C1b:64 c1c:32` is block C1."""
+    if not spec.split(): raise ValueError('the spec is empty')
     layers: list[LayerSpec] = []
     for tok in spec.split():
         layers.append(_parse_token(tok, after_gap=any(l.kind == 'gap' for l in layers)))

@@ -18,6 +18,7 @@ def rf_table(spec: str, size: int = 32) -> pd.DataFrame:
         k_eff = d * (k - 1) + 1
         n_out = (n + 2 * p - k_eff) // s + 1
         rf, n_in, n, jump = rf + (k_eff - 1) * jump, n, n_out, jump * s
+        if n_out < 1: raise ValueError(f"spec layer {l.name} turns a {n_in}x{n_in} map into {n_out}x{n_out}: drop a pool or stride, or shrink a kernel")
         if l.add and sizes[l.add] != n_out:
             raise ValueError(f"spec layer {l.name} ({n_out}x{n_out}) cannot add {l.add} ({sizes[l.add]}x{sizes[l.add]})")
         sizes[l.name] = n_out
@@ -29,4 +30,5 @@ def total_rf(spec: str, size: int = 32) -> int:
     """RF of the last layer before global average pooling (the largest any conv feature sees)."""
     t = rf_table(spec, size)
     gap = t.index[t.layer == 'GAP']
-    return int(t.rf[gap[0] - 1] if len(gap) else t.rf.iloc[-1])
+    before = t[:gap[0]] if len(gap) else t
+    return int(before.rf.iloc[-1]) if len(before) else 1  # GAP straight on the input: each pixel sees itself

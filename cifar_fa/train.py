@@ -95,9 +95,9 @@ def pick_device(name: str) -> torch.device:
 def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
     """The recipe's network with `cfg`'s norm, dropout and seed, checked against the assignment's constraints."""
     set_seed(cfg.seed, reproducible=True)
-    try: model = SpecNet(cfg.spec or recipe.spec, cfg.norm, dropout=cfg.dropout, ws=cfg.ws)
+    try: model = SpecNet(recipe.spec if cfg.spec is None else cfg.spec, cfg.norm, dropout=cfg.dropout, ws=cfg.ws)
     except ValueError as e:
-        if not cfg.spec: raise
+        if cfg.spec is None: raise
         raise RunError(f'--spec: {e}') from None
     if not cfg.outside_assignment: recipe.constraints.check(model, cfg.epochs)
     return model

@@ -42,6 +42,8 @@ def test_spec_replaces_the_recipes_network():
     assert bad.returncode == 2 and bad.stderr.startswith('error: --spec: spec token') and 'Traceback' not in bad.stderr
     shapes = recipe('--spec', NARROW.replace('C5:16+C3', 'C5:16+C2'), '--dry-run')  # C2 is 32x32, C5 16x16
     assert shapes.returncode == 2 and shapes.stderr == 'error: --spec: spec layer C5 (16x16) cannot add C2 (32x32)\n', shapes.stderr
+    empty = recipe('--spec', '', '--dry-run')  # not the recipe's own network
+    assert empty.returncode == 2 and empty.stderr == 'error: --spec: the spec is empty\n', empty.stderr
     wide = recipe('--spec', NARROW.replace(':16', ':64'), '--dry-run')  # the assignment's budget still applies
     assert wide.returncode == 2 and 'parameters' in wide.stderr and 'Traceback' not in wide.stderr, wide.stderr
 

@@ -23,6 +23,15 @@ def test_skip_across_resolution_refused():
     with pytest.raises(ValueError, match='cannot add'): rf_table('C1:8 P1 C2:8+C1 GAP C3')
 
 
+def test_map_shrunk_to_nothing_refused():
+    rf_table('C1:8 P1 P2 P3 P4 P5 GAP O')  # 32 -> 1x1
+    with pytest.raises(ValueError, match='P6 turns a 1x1 map into 0x0'): rf_table('C1:8 P1 P2 P3 P4 P5 P6 GAP O')
+
+
+def test_rf_of_gap_on_the_input():
+    assert total_rf('GAP O') == 1 and total_rf('C1:8 C2:8') == 5
+
+
 @pytest.mark.parametrize('kw,msg', [
     (dict(max_params=1000), 'parameters'), (dict(min_rf=100), 'receptive field'),
     (dict(need_dilated=True), 'dilated'), (dict(need_separable=True), 'depthwise-separable'),
