@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import signal
 import sys
 from dataclasses import fields
@@ -25,12 +26,17 @@ def flag(name: str, value: object) -> str:
     return f'--{opt} {value:g}' if isinstance(value, float) else f'--{opt} {value}'
 
 
-def _positive(kind):
+def _number(kind, ok, need: str):
     def parse(s: str):
         v = kind(s)
-        if v <= 0: raise argparse.ArgumentTypeError(f'must be positive, got {s}')
+        if not (math.isfinite(v) and ok(v)): raise argparse.ArgumentTypeError(f'must be {need}, got {s}')
         return v
     return parse
+
+
+def _positive(kind): return _number(kind, lambda v: v > 0, 'positive')
+def _non_negative(kind): return _number(kind, lambda v: v >= 0, 'zero or more')
+_fraction = _number(float, lambda v: 0 <= v < 1, 'at least 0 and below 1')
 
 
 def _lr(s: str) -> float | str:
@@ -53,13 +59,13 @@ def parser(recipe: Recipe) -> argparse.ArgumentParser:
     p.add_argument('--bs', type=_positive(int), default=d['bs'], help='batch size')
     p.add_argument('--opt', choices=list(OPTIMIZERS), default=d['opt'], help='optimizer')
     p.add_argument('--lr', type=_lr, default=d['lr'], help="max learning rate of the one cycle, or 'find'")
-    p.add_argument('--wd', type=float, default=d['wd'], help='weight decay (adam: decoupled; sgd: L2)')
-    p.add_argument('--dropout', type=float, default=d['dropout'])
+    p.add_argument('--wd', type=_non_negative(float), default=d['wd'], help='weight decay (adam: decoupled; sgd: L2)')
+    p.add_argument('--dropout', type=_fraction, default=d['dropout'])
     p.add_argument('--ws', action=argparse.BooleanOptionalAction, default=d['ws'],
                    help='weight-standardized convs (zero-mean, unit-variance filters)')
-    p.add_argument('--label-smoothing', type=float, default=d['label_smoothing'])
+    p.add_argument('--label-smoothing', type=_fraction, default=d['label_smoothing'])
     p.add_argument('--seed', type=int, default=d['seed'])
-    p.add_argument('--workers', type=int, default=d['workers'], help='DataLoader workers (default: min(4, CPUs))')
+    p.add_argument('--workers', type=_non_negative(int), default=d['workers'], help='DataLoader workers (default: min(4, CPUs))')
     p.add_argument('--device', default=d['device'], help='auto, cpu or cuda')
     p.add_argument('--spec', default=None, help="the network as a spec string (README: Models are specs) instead of the "
                                                "recipe's SPEC; the assignment's constraints still apply")

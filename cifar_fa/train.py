@@ -87,9 +87,15 @@ class RunConfig:
 def pick_device(name: str) -> torch.device:
     """`auto` is CUDA when present, else CPU; `cuda` without a GPU is an error."""
     if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name.startswith('cuda') and not torch.cuda.is_available():
-        raise RunError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
+    try: device = torch.device(name)
+    except RuntimeError: device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise RunError(f"--device {name} is not one the recipes run on; use auto, cpu, cuda or cuda:N")
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise RunError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise RunError(f"--device {name} was asked for but {torch.cuda.device_count()} CUDA GPUs are visible (cuda:0 is the first)")
+    return device
 
 
 def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:

@@ -164,6 +164,7 @@ def test_refused_memory_is_one_line_and_resumable(synth, tmp_path, monkeypatch, 
     (['--data', '/no/such/dir'], 'does not exist'),
     (['--epochs', 21], "above the assignment's cap of 20"),
     (['--device', 'cuda'], 'no CUDA GPU'),
+    (['--device', 'tpu'], 'use auto, cpu, cuda or cuda:N'),
 ])
 def test_bad_input_one_line(args, msg, synth, tmp_path):
     if 'cuda' in args and torch.cuda.is_available(): pytest.skip('a GPU is present')
@@ -173,10 +174,11 @@ def test_bad_input_one_line(args, msg, synth, tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
-@pytest.mark.parametrize('args', [['--norm', 'xx'], ['--epochs', 0], ['--bs', -4], ['--lr', 0]])
+@pytest.mark.parametrize('args', [['--norm', 'xx'], ['--epochs', 0], ['--bs', -4], ['--lr', 0], ['--lr', 'nan'], ['--lr', 'inf'],
+                                  ['--wd', -1], ['--dropout', 1], ['--label-smoothing', 1.5], ['--workers', -1]])
 def test_bad_options_rejected(args):
     r = recipe(*args, '--dry-run')
-    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and f'argument {args[0]}: ' in r.stderr, r.stderr
 
 
 @pytest.mark.skipif(not os.environ.get('CIFAR10_DIR'), reason='needs the real CIFAR-10 (set CIFAR10_DIR)')
