@@ -66,7 +66,8 @@ def extract_archive(archive: Path, dest: Path | None = None) -> Path:
             tf.extractall(tmp, filter='data')
     except (tarfile.TarError, EOFError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"{archive} is not a readable .tgz/.tar.gz archive ({e}); check the file or pass the extracted folder") from None
+        reason = str(e).splitlines()[0].rstrip(':')  # tarfile lists each compression it tried on lines of their own
+        raise DataError(f"{archive} is not a readable .tgz/.tar.gz archive ({reason}); check the file or pass the extracted folder") from None
     except DataError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
