@@ -14,16 +14,9 @@ from .constraints import ConstraintError
 from .data import DataError
 from .layers import NORMS
 from .models import SpecNet
-from .train import OPTIMIZERS, Recipe, RunConfig, RunError, build_model, describe, run
+from .train import OPTIMIZERS, Recipe, RunConfig, RunError, build_model, describe, flag, run
 
-__all__ = ['flag', 'parser', 'config_from_args', 'main']
-
-
-def flag(name: str, value: object) -> str:
-    """The command-line option that sets setting `name` to `value` (`--ws` / `--no-ws` for booleans)."""
-    opt = name.replace('_', '-')
-    if isinstance(value, bool): return f'--{opt}' if value else f'--no-{opt}'
-    return f'--{opt} {value:g}' if isinstance(value, float) else f'--{opt} {value}'
+__all__ = ['parser', 'config_from_args', 'main']
 
 
 def _number(kind, ok, need: str):

@@ -13,7 +13,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from .cli import flag
+from .train import RUN_SETTINGS, flag
 
 __all__ = ['load_runs', 'results_table', 'comparison_figure', 'write_comparison', 'update_readme']
 
@@ -27,19 +27,16 @@ def load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
             for d in run_dirs]
 
 
-_FLAGS = ('opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'dropout', 'ws', 'seed', 'subset')
-
-
 def _command(cfg: dict) -> str:
     """The recipe command with every training setting spelled out, so it reproduces the run whatever the defaults."""
     argv = cfg.get('argv') or []
     script = Path(argv[0]).name if argv else f"{cfg['recipe']}.py"
     hp = {'opt': 'adam', 'ws': False, **cfg}  # runs made before --opt and --ws existed used Adam and plain convs
-    flags = [flag(k, hp[k]) for k in _FLAGS if hp.get(k) is not None]
+    flags = [flag(k, hp[k]) for k in RUN_SETTINGS if hp.get(k) is not None]
     recipe = _recipes().get(cfg['recipe'])
     spec = [f"--spec '{cfg['spec']}'"] if recipe and cfg.get('spec', recipe.spec) != recipe.spec else []
     extra = ['--outside-assignment'] if cfg.get('outside_assignment') else []
-    return ' '.join([f'recipes/{script}', f"--norm {cfg['norm']}", *flags, *spec, *extra])
+    return ' '.join([f'recipes/{script}', *flags, *spec, *extra])
 
 
 @functools.lru_cache

@@ -32,7 +32,8 @@ from .interpret import flip_tta_accuracy, plot_curves, review
 from .models import SpecNet, count_params
 from .receptive_field import rf_table, total_rf
 
-__all__ = ['OPTIMIZERS', 'Recipe', 'RunConfig', 'RunError', 'build_model', 'build_learner', 'describe', 'run', 'pick_device']
+__all__ = ['OPTIMIZERS', 'RUN_SETTINGS', 'Recipe', 'RunConfig', 'RunError', 'build_model', 'build_learner', 'describe', 'flag',
+           'run', 'pick_device']
 
 
 # fit_one_cycle drives the momentum (0.95 -> 0.85 -> 0.95); fastai's SGD only keeps momentum if built with some
@@ -82,6 +83,17 @@ class RunConfig:
     overwrite: bool = False
     outside_assignment: bool = False
     spec: str | None = None  # the network; None: the recipe's SPEC
+
+
+# what a run trains, besides its spec (the other settings say where and how fast): a resumed run keeps them all
+RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'dropout', 'ws', 'seed', 'subset')
+
+
+def flag(name: str, value: object) -> str:
+    """The command-line option that sets setting `name` to `value` (`--ws` / `--no-ws` for booleans)."""
+    opt = name.replace('_', '-')
+    if isinstance(value, bool): return f'--{opt}' if value else f'--no-{opt}'
+    return f'--{opt} {value:g}' if isinstance(value, float) else f'--{opt} {value}'
 
 
 def pick_device(name: str) -> torch.device:
@@ -144,6 +156,9 @@ def _prepare_out(cfg: RunConfig, spec: str) -> tuple[Path, dict]:
     prev = json.loads((out / 'config.json').read_text()) if cfg.resume else {}
     if prev.get('spec', spec) != spec:
         raise RunError(f"{out} holds a run of another network ({prev['spec']}); resume it with that --spec")
+    if changed := [k for k in RUN_SETTINGS if k in prev and prev[k] != getattr(cfg, k)]:
+        was = ', '.join(flag(k, prev[k]) if prev[k] is not None else f"no --{k.replace('_', '-')}" for k in changed)
+        raise RunError(f"{out} was trained with {was}; resume it with the same settings, or start a new run in another --out")
     if cfg.overwrite and not cfg.resume: shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     return out, prev
@@ -170,6 +185,9 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     pick_device(cfg.device)
     data_path = cifar10_path(cfg.data)  # bad data or device fail here, before any output exists
     out, prev = _prepare_out(cfg, model.spec)
+    if cfg.resume and (out / 'metrics.json').exists():  # finished: nothing to train, nothing to rewrite
+        print(f'{out} is a finished run; nothing to resume')
+        return json.loads((out / 'metrics.json').read_text())
     learn = build_learner(recipe, cfg, out, model, data_path)
     if not sys.stdout.isatty(): learn.remove_cb(ProgressCallback).add_cb(PlainProgress())  # bars garble log files
     device = learn.dls.device

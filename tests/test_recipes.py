@@ -66,11 +66,17 @@ def test_fewer_images_than_a_batch_is_one_line(synth, tmp_path):
     assert 'Traceback' not in r.stderr
 
 
-def test_resume_with_another_spec_is_one_line(synth, tmp_path):
+def test_resume_keeps_the_runs_settings(synth, tmp_path):
     args = ['--data', synth, '--epochs', 1, '--bs', 32, '--workers', 0, '--out', tmp_path / 'run']
     assert recipe(*args).returncode == 0
     r = recipe(*args, '--resume', '--spec', NARROW)
     assert r.returncode == 2 and 'holds a run of another network' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    r = recipe(*args, '--resume', '--epochs', 2, '--lr', 0.05)  # a longer cycle would not be the run config.json records
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {tmp_path / 'run'} was trained with --lr 0.1, --epochs 1; "), r.stderr
+    metrics = (tmp_path / 'run' / 'metrics.json').read_text()
+    r = recipe(*args, '--resume', '--workers', 1)  # where and how fast may change
+    assert r.returncode == 0 and 'is a finished run; nothing to resume' in r.stdout, r.stderr
+    assert (tmp_path / 'run' / 'metrics.json').read_text() == metrics
 
 
 def _children(pid: int) -> list[str]:
