@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import albumentations as A
@@ -95,8 +96,9 @@ def load_run(run_dir: Path, weights: Path | None = None, data: str | None = None
     from .train import Recipe, RunConfig, build_learner
     cfg = json.loads((run_dir / 'config.json').read_text())
     recipe = Recipe(cfg['recipe'], cfg['spec'], augs=(), constraints=Constraints())
-    run_cfg = RunConfig(cfg['recipe'], norm=cfg['norm'], bs=cfg['bs'], workers=cfg['workers'], device=cfg['device'],
-                        data=data or cfg['data_path'], outside_assignment=True)
+    known = {f.name for f in fields(RunConfig)}  # all of them: --ws changes the convs without changing the weights' shapes
+    run_cfg = RunConfig(**{**{k: v for k, v in cfg.items() if k in known}, 'data': data or cfg['data_path'],
+                           'outside_assignment': True})
     learn = build_learner(recipe, run_cfg)
     learn.load(Path(weights).resolve().with_suffix(''), with_opt=False)
     return learn
