@@ -24,5 +24,8 @@ try:
         if args.tta: print(f"with flip TTA {100 * m['flip_tta_test_accuracy']:.2f} %")
         print('\n'.join(f'  {c:12s} {100 * a:.1f} %' for c, a in m['per_class_accuracy'].items()))
         print('most confused (true, predicted, count):', *m['most_confused'], sep='\n  ')
-except (DataError, FileNotFoundError) as e:
+except DataError as e:
     sys.exit(print(f'error: {e}', file=sys.stderr) or 2)
+except FileNotFoundError as e:
+    sys.exit(print(f'error: {e.filename} does not exist; pass a finished run folder, or --weights '
+                   'RUN_DIR/checkpoints/last.pth for an unfinished one', file=sys.stderr) or 2)
