@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner, load_learner
 from fastai.torch_core import show_image
 
-from .data import AlbumentationsTransform
+from .data import AlbumentationsTransform, DataError
 
 __all__ = ['plot_curves', 'plot_misclassified', 'review', 'flip_tta', 'flip_tta_accuracy', 'load_run', 'review_run', 'predict_image']
 
@@ -87,6 +88,14 @@ def flip_tta_accuracy(learn: Learner, dl: DataLoader | None = None) -> float:
     return float((probs.argmax(1) == targs).float().mean())
 
 
+def _run_data(cfg: dict, data: str | None) -> str:
+    """`data`, else the data the run trained on if it is on this machine, else `$CIFAR10_DIR`."""
+    if data: return data
+    if Path(cfg['data_path']).exists(): return cfg['data_path']
+    if os.environ.get('CIFAR10_DIR'): return os.environ['CIFAR10_DIR']
+    raise DataError(f"the run's data ({cfg['data_path']}) is not on this machine; pass --data or set CIFAR10_DIR")
+
+
 def load_run(run_dir: Path, weights: Path | None = None, data: str | None = None) -> Learner:
     """The Learner of a finished run: unpickled from its model.pkl (runs code from it: trusted folders only), or,
     with `weights`, rebuilt from its config.json with plain weights loaded by `learn.load` (no code is run)."""
@@ -97,7 +106,7 @@ def load_run(run_dir: Path, weights: Path | None = None, data: str | None = None
     cfg = json.loads((run_dir / 'config.json').read_text())
     recipe = Recipe(cfg['recipe'], cfg['spec'], augs=(), constraints=Constraints())
     known = {f.name for f in fields(RunConfig)}  # all of them: --ws changes the convs without changing the weights' shapes
-    run_cfg = RunConfig(**{**{k: v for k, v in cfg.items() if k in known}, 'data': data or cfg['data_path'],
+    run_cfg = RunConfig(**{**{k: v for k, v in cfg.items() if k in known}, 'data': _run_data(cfg, data),
                            'outside_assignment': True})
     learn = build_learner(recipe, run_cfg)
     learn.load(Path(weights).resolve().with_suffix(''), with_opt=False)
@@ -106,11 +115,14 @@ def load_run(run_dir: Path, weights: Path | None = None, data: str | None = None
 
 def review_run(run_dir: Path, k: int = 16, data: str | None = None, weights: Path | None = None, tta: bool = False) -> dict:
     """(Re)write the review figures of a finished run on the test split; return its metrics (`tta`: with flip TTA)."""
-    from .data import cifar10_path, image_files
+    from .data import check_layout, cifar10_path, image_files
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / 'config.json').read_text())
-    learn = load_run(run_dir, weights, data)
-    tests = [f for f in image_files(cifar10_path(data or cfg['data_path'])) if f.parent.parent.name == 'test']
+    learn, root = load_run(run_dir, weights, data), cifar10_path(_run_data(cfg, data))
+    if (classes := check_layout(root)) != list(learn.dls.vocab):
+        raise DataError(f"{root} holds the classes {', '.join(classes)}, but the run learned {', '.join(learn.dls.vocab)}; "
+                        "pass the run's data with --data")
+    tests = [f for f in image_files(root) if f.parent.parent.name == 'test']
     dl = learn.dls.test_dl(tests, with_labels=True)
     with learn.no_bar(): metrics = review(learn, run_dir, f"{cfg['recipe']} --norm {cfg['norm']}", k=k, dl=dl)
     if tta: metrics['flip_tta_test_accuracy'] = flip_tta_accuracy(learn, dl)

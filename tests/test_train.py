@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,7 +13,8 @@ from fastai.learner import load_learner
 from PIL import Image
 
 from cifar_fa import RunConfig, build_learner, run
-from cifar_fa.interpret import load_run
+from cifar_fa.data import DataError
+from cifar_fa.interpret import load_run, review_run
 from cifar_fa.report import results_table
 from conftest import CLASSES, ROOT
 from s8_norms import RECIPE as S8
@@ -164,6 +166,19 @@ def test_review_script(trained, synth, tmp_path):
         assert len(rows) == 3 and all(c in CLASSES and 0 <= float(p) <= 1 for c, p in rows)
     r = subprocess.run([*review[:2], str(tmp_path)], capture_output=True, text=True, env=env)  # not a run folder
     assert r.returncode == 2 and r.stderr.startswith(f"error: {tmp_path / 'config.json'} does not exist; pass a finished run"), r.stderr
+
+
+def test_review_finds_the_data_or_says_why(trained, synth, tmp_path, monkeypatch):
+    moved = shutil.copytree(trained[1], tmp_path / 'moved')  # as a committed run on another machine
+    cfg = json.loads((moved / 'config.json').read_text())
+    (moved / 'config.json').write_text(json.dumps({**cfg, 'data_path': str(tmp_path / 'gone')}))
+    monkeypatch.delenv('CIFAR10_DIR', raising=False)
+    with pytest.raises(DataError, match='is not on this machine; pass --data or set CIFAR10_DIR'): review_run(moved)
+    monkeypatch.setenv('CIFAR10_DIR', str(synth))
+    assert review_run(moved, k=4)['test_accuracy'] == trained[0]['test_accuracy']
+    other = shutil.copytree(synth, tmp_path / 'other')
+    for split in ('train', 'test'): (other / split / CLASSES[0]).rename(other / split / 'zebra')
+    with pytest.raises(DataError, match='but the run learned class0'): review_run(moved, data=str(other))
 
 
 def test_plain_weights_rebuild_the_runs_network(synth, tmp_path):
