@@ -149,6 +149,7 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
 def _prepare_out(cfg: RunConfig, spec: str) -> tuple[Path, dict]:
     """The run folder, checked and made, and on --resume the config.json of the run it continues."""
     out = Path(cfg.out or f'runs/{cfg.recipe}_{cfg.norm}')
+    if out.exists() and not out.is_dir(): raise RunError(f"{out} is a file, not a run folder; pass another --out")
     if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise RunError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
     if cfg.resume and last_epoch(out / 'checkpoints') is None:
@@ -160,7 +161,8 @@ def _prepare_out(cfg: RunConfig, spec: str) -> tuple[Path, dict]:
         was = ', '.join(flag(k, prev[k]) if prev[k] is not None else f"no --{k.replace('_', '-')}" for k in changed)
         raise RunError(f"{out} was trained with {was}; resume it with the same settings, or start a new run in another --out")
     if cfg.overwrite and not cfg.resume: shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    try: out.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise RunError(f"cannot make the run folder {out} ({e.strerror}); pass another --out") from None
     return out, prev
 
 

@@ -171,10 +171,14 @@ def test_refused_memory_is_one_line_and_resumable(synth, tmp_path, monkeypatch, 
     (['--epochs', 21], "above the assignment's cap of 20"),
     (['--device', 'cuda'], 'no CUDA GPU'),
     (['--device', 'tpu'], 'use auto, cpu, cuda or cuda:N'),
+    (['--out', 'FILE'], 'is a file, not a run folder'),
+    (['--out', 'FILE/run'], 'cannot make the run folder'),
 ])
 def test_bad_input_one_line(args, msg, synth, tmp_path):
     if 'cuda' in args and torch.cuda.is_available(): pytest.skip('a GPU is present')
-    r = recipe('--data', synth, *args, '--out', tmp_path / 'run')
+    (tmp_path / 'FILE').touch()
+    args = [str(a).replace('FILE', str(tmp_path / 'FILE')) for a in args]
+    r = recipe('--data', synth, '--out', tmp_path / 'run', *args)  # a later --out wins
     assert r.returncode == 2, r.stderr
     assert msg in r.stderr and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / 'run').exists()
