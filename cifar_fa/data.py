@@ -41,8 +41,12 @@ class DataError(ValueError):
 
 
 def cache_dir() -> Path:
-    """Folder where archives are extracted: `$CIFAR_FA_CACHE`, else `~/.cache/cifar_fa`."""
-    return Path(os.environ.get('CIFAR_FA_CACHE', Path.home() / '.cache' / 'cifar_fa')).expanduser()
+    """Folder where archives are extracted and images decoded (made if needed): `$CIFAR_FA_CACHE`, else `~/.cache/cifar_fa`."""
+    d = Path(os.environ.get('CIFAR_FA_CACHE', Path.home() / '.cache' / 'cifar_fa')).expanduser()
+    try: d.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise DataError(f"cannot use {d} as the cache folder ({e.strerror}); set CIFAR_FA_CACHE to a writable folder") from None
+    if not os.access(d, os.W_OK): raise DataError(f"cannot write to the cache folder {d}; set CIFAR_FA_CACHE to a writable folder")
+    return d
 
 
 def _archive_key(archive: Path) -> str:
@@ -118,7 +122,8 @@ def _scan(root: Path, size: int) -> tuple[list[Path], Path]:
     dirs = [root / s / c for s in ('train', 'test') for c in classes]
     key = hashlib.sha1(f'{root.resolve()}:{size}:{[(str(d), d.stat().st_mtime_ns) for d in dirs]}'.encode()).hexdigest()[:16]
     if key in _SCANS: return _SCANS[key]
-    meta, npy = cache_dir() / f'images-{key}.json', cache_dir() / f'images-{key}.npy'
+    cache = cache_dir()
+    meta, npy = cache / f'images-{key}.json', cache / f'images-{key}.npy'
     if not (meta.exists() and npy.exists()):
         files, others = [], []
         for d in dirs:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from cifar_fa import DataError, cifar10_path, cifar_dls
 from cifar_fa.data import AlbumentationsTransform
-from conftest import CLASSES
+from conftest import CLASSES, write_synthetic
 
 
 def _tgz(src, dest):
@@ -65,6 +65,12 @@ def _file(path, data):
 def test_bad_sources(tmp_path, make, msg):
     with pytest.raises(DataError, match=msg) as e: cifar10_path(make(tmp_path))
     assert '\n' not in str(e.value)  # the command line prints one line
+
+
+def test_unusable_cache_folder_is_one_line(tmp_path, monkeypatch):
+    data = write_synthetic(tmp_path / 'fresh', n_train=1, n_test=1)  # not scanned yet in this process
+    monkeypatch.setenv('CIFAR_FA_CACHE', str(_file(tmp_path / 'afile', b'')))
+    with pytest.raises(DataError, match='set CIFAR_FA_CACHE to a writable folder'): cifar10_path(data)
 
 
 def test_class_mismatch_and_empty_class(synth, tmp_path):
