@@ -153,7 +153,7 @@ def _prepare_out(cfg: RunConfig, spec: str) -> tuple[Path, dict]:
     if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise RunError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
     if cfg.resume and last_epoch(out / 'checkpoints') is None:
-        raise RunError(f"{out} has no checkpoint to resume from; start it without --resume")
+        raise RunError(f"{out} has no checkpoint to resume from (no epoch finished); start it again with --overwrite")
     prev = json.loads((out / 'config.json').read_text()) if cfg.resume else {}
     if prev.get('spec', spec) != spec:
         raise RunError(f"{out} holds a run of another network ({prev['spec']}); resume it with that --spec")

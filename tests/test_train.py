@@ -16,6 +16,7 @@ from cifar_fa import RunConfig, build_learner, run
 from cifar_fa.data import DataError
 from cifar_fa.interpret import load_run, review_run
 from cifar_fa.report import results_table
+from cifar_fa.train import RunError
 from conftest import CLASSES, ROOT
 from s8_norms import RECIPE as S8
 
@@ -109,6 +110,16 @@ def test_interrupted_run_resumes_to_the_same_history(synth, tmp_path, monkeypatc
     pd.testing.assert_frame_equal(h_full.drop(columns='time'), h_cut.drop(columns='time'))  # RNG states were restored
     row = results_table([tmp_path / 'cut']).splitlines()[-1]
     assert resumed['resumed'] and f"{resumed['epoch_seconds'] / 60:.1f} min of epochs (" in row and 'resumed invocation' in row
+
+
+def test_run_stopped_before_its_first_epoch_restarts_with_overwrite(synth, tmp_path):
+    out = tmp_path / 'run'
+    (out / 'checkpoints').mkdir(parents=True)
+    (out / 'checkpoints' / '_tmp.pth').touch()  # what an interrupted lr_find leaves
+    kw = dict(epochs=1, bs=16, workers=0, device='cpu', data=str(synth), subset=2, out=str(out))
+    with pytest.raises(RunError, match='already holds a run'): run(S8, RunConfig('s8', **kw))
+    with pytest.raises(RunError, match='no epoch finished.*--overwrite'): run(S8, RunConfig('s8', resume=True, **kw))
+    assert run(S8, RunConfig('s8', overwrite=True, **kw))['epochs'] == 1
 
 
 def test_lr_find_picks_valley_and_saves_plot(synth, tmp_path):
