@@ -171,15 +171,22 @@ class DecodedImages:
         return dict(npy=self.npy, index={}, _pixels=None)  # keep model.pkl small: an exported learner reads files
 
 
+def _download() -> Path:
+    from fastai.data.external import URLs, untar_data
+    try: return untar_data(URLs.CIFAR)
+    except OSError as e:  # urllib's URLError: no network, or the server refused
+        raise DataError(f"fastai's untar_data(URLs.CIFAR) could not download CIFAR-10 ({getattr(e, 'reason', None) or e}); "
+                        "pass --data with a local copy or set CIFAR10_DIR") from None
+
+
 def cifar10_path(data: str | Path | None = None) -> Path:
     """Locate CIFAR-10: `data` (folder or .tgz), else `$CIFAR10_DIR`, else fastai's `untar_data(URLs.CIFAR)`."""
     src = data or os.environ.get('CIFAR10_DIR')
-    if not src:
-        from fastai.data.external import URLs, untar_data
-        return untar_data(URLs.CIFAR)
-    path = Path(src).expanduser()
-    if not path.exists(): raise DataError(f"{path} does not exist; pass --data with a CIFAR-10 folder or .tgz (or set CIFAR10_DIR)")
-    if path.is_file(): path = extract_archive(path)
+    if src:
+        path = Path(src).expanduser()
+        if not path.exists(): raise DataError(f"{path} does not exist; pass --data with a CIFAR-10 folder or .tgz (or set CIFAR10_DIR)")
+        if path.is_file(): path = extract_archive(path)
+    else: path = _download()
     root = _find_root(path)
     image_files(root)  # checks layout and every image once (the scan is cached), before any run folder is made
     return root

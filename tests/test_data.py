@@ -1,6 +1,7 @@
 import io
 import shutil
 import tarfile
+from urllib.error import URLError
 
 import albumentations as A
 import numpy as np
@@ -65,6 +66,17 @@ def _file(path, data):
 def test_bad_sources(tmp_path, make, msg):
     with pytest.raises(DataError, match=msg) as e: cifar10_path(make(tmp_path))
     assert '\n' not in str(e.value)  # the command line prints one line
+
+
+def test_fastai_download_is_the_default(synth, monkeypatch):
+    import fastai.data.external as external
+    monkeypatch.delenv('CIFAR10_DIR', raising=False)
+    monkeypatch.setattr(external, 'untar_data', lambda url: synth if url == external.URLs.CIFAR else None)
+    assert cifar10_path() == synth
+    def offline(url): raise URLError(OSError(-2, 'Name or service not known'))
+    monkeypatch.setattr(external, 'untar_data', offline)
+    with pytest.raises(DataError, match=r"could not download CIFAR-10 \(.*Name or service not known\); pass --data") as e: cifar10_path()
+    assert '\n' not in str(e.value)
 
 
 def test_unusable_cache_folder_is_one_line(tmp_path, monkeypatch):
