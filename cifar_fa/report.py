@@ -23,6 +23,8 @@ RECIPES = Path(__file__).resolve().parents[1] / 'recipes'
 
 def load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
     """(folder, metrics, config) of each finished run folder, in the order given."""
+    if unfinished := [str(d) for d in run_dirs if not (Path(d) / 'metrics.json').exists()]:
+        raise ValueError(f"{', '.join(unfinished)}: no metrics.json, not a finished run folder")
     return [(Path(d), json.loads((Path(d) / 'metrics.json').read_text()), json.loads((Path(d) / 'config.json').read_text()))
             for d in run_dirs]
 
@@ -111,5 +113,7 @@ if __name__ == '__main__':
     p.add_argument('--comparison', metavar='OUT', help='write OUT.md and OUT.png comparing the runs instead')
     a = p.parse_args()
     runs = [Path(r) for r in a.runs] or sorted(p.parent for p in Path('results').glob('*/metrics.json'))
-    if a.comparison: print(write_comparison(runs, Path(a.comparison), f"{', '.join(d.name for d in runs)} compared"))
-    else: update_readme(Path(a.readme), runs)
+    try:
+        if a.comparison: print(write_comparison(runs, Path(a.comparison), f"{', '.join(d.name for d in runs)} compared"))
+        else: update_readme(Path(a.readme), runs)
+    except (ValueError, FileNotFoundError) as e: p.exit(2, f'error: {e}\n')

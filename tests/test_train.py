@@ -145,6 +145,10 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     assert 'old' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')
     assert '--norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 --dropout 0 --no-ws ' in text  # reproducible as is
     assert "not the recipe file's" not in text
+    r = subprocess.run([sys.executable, '-m', 'cifar_fa.report', '--readme', str(readme), str(out), str(tmp_path)],
+                       capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    assert r.returncode == 2 and r.stderr == f'error: {tmp_path}: no metrics.json, not a finished run folder\n', r.stderr
+    assert readme.read_text() == text
     trial = tmp_path / 'trial'
     trial.mkdir()
     (trial / 'metrics.json').write_text((out / 'metrics.json').read_text())
