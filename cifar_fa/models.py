@@ -88,7 +88,8 @@ class SpecNet(nn.Module):
                 raise ValueError(f"spec layer {l.name} ({width} channels) cannot add {l.add} ({shapes[l.add]} channels)")
             shapes[l.name] = width
         from .receptive_field import rf_table  # here: receptive_field imports this module
-        rf_table(spec)  # raises if a `+SOURCE` adds a map of another size than this layer's (32x32 inputs)
+        side = int(rf_table(spec).n_out.iloc[-1])  # raises if a `+SOURCE` adds a map of another size (32x32 inputs)
+        self.out_features = width * side * side  # per image: the class count when the spec ends with GAP and a head
         self.layers = nn.ModuleDict(layers)
         self.skips = {l.name: l.add for l in specs if l.add}
         self._sources = set(self.skips.values())

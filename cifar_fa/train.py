@@ -138,6 +138,9 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
                     device=device)
     if len(dls.train) == 0:  # fastai drops the last partial batch, and would fail later on an empty DataLoader
         raise DataError(f'{len(dls.train_ds):,} training images make no full batch of {cfg.bs}; lower --bs or raise --subset')
+    if model.out_features != len(dls.vocab):
+        raise RunError(f"the network outputs {model.out_features:,} values per image but the data has {len(dls.vocab)} classes; "
+                       f"end the spec with GAP and a head of {len(dls.vocab)} (e.g. 'GAP O')")
     loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing else CrossEntropyLossFlat()
     learn = Learner(dls, model, opt_func=OPTIMIZERS[cfg.opt], loss_func=loss, metrics=accuracy, wd=cfg.wd, path=path, model_dir='checkpoints',
                     cbs=[GroupNormLikeBN(), StopOnNaN(), FloatLosses()])
@@ -184,13 +187,13 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     """Train `recipe` as `cfg` says and write the run folder; return the metrics."""
     t0 = time.time()
     model = build_model(recipe, cfg)
-    pick_device(cfg.device)
-    data_path = cifar10_path(cfg.data)  # bad data or device fail here, before any output exists
+    data_path = cifar10_path(cfg.data)
+    learn = build_learner(recipe, cfg, model=model, data_path=data_path)  # bad data, device or head fail before any output
     out, prev = _prepare_out(cfg, model.spec)
     if cfg.resume and (out / 'metrics.json').exists():  # finished: nothing to train, nothing to rewrite
         print(f'{out} is a finished run; nothing to resume')
         return json.loads((out / 'metrics.json').read_text())
-    learn = build_learner(recipe, cfg, out, model, data_path)
+    learn.path = out
     if not sys.stdout.isatty(): learn.remove_cb(ProgressCallback).add_cb(PlainProgress())  # bars garble log files
     device = learn.dls.device
     start = last_epoch(out / 'checkpoints') + 1 if cfg.resume else 0

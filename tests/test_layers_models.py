@@ -109,6 +109,11 @@ def test_bad_specs(spec, msg):
     with pytest.raises(ValueError, match=msg): parse_spec(spec)
 
 
+def test_out_features():
+    assert SpecNet('C1:8 P1 GAP O').out_features == 10 and SpecNet('C1:8 GAP O:7').out_features == 7
+    assert SpecNet('C1:8 P1 C2:4').out_features == 4 * 16 * 16 == SpecNet('C1:8 P1 C2:4')(torch.zeros(1, 3, 32, 32)).shape[1]
+
+
 @pytest.mark.parametrize('spec', ['C1:8 C2:16+C1 GAP C3', 'C1:8 P1 C2:8+C1 GAP C3'])  # channels, then map size
 def test_skip_mismatch_fails_when_built(spec):
     with pytest.raises(ValueError, match='cannot add'): SpecNet(spec)
