@@ -6,7 +6,7 @@ import errno
 import math
 import signal
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from .callbacks import DivergedError
@@ -127,6 +127,8 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
     parent = Path(args.out or 'runs') if args.norm == 'all' else None
     cfgs = [config_from_args(recipe, argv, norm=n, **({'out': str(parent / f'{recipe.name}_{n}')} if parent else {}))
             for n in norms]
+    if parent and args.resume:  # the norms an interrupted --norm all never reached start from scratch
+        cfgs = [c if Path(c.out).is_dir() and any(Path(c.out).iterdir()) else replace(c, resume=False) for c in cfgs]
     try:
         models = [build_model(recipe, cfg) for cfg in cfgs]  # every variant is checked before any trains
         if args.dry_run:

@@ -3,6 +3,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,6 +206,10 @@ def test_norm_all_writes_comparison(synth, tmp_path):
     assert table.count('| [s8_') == 3 and '49,162' in table and (tmp_path / 's8_comparison.png').stat().st_size
     assert '| [s8_ln]' in r.stdout  # the table is printed too
     assert '`recipes/s8_norms.py --norm gn --opt sgd --lr 0.1 --wd 0.0005 --bs 32 --epochs 1 ' in table
+    shutil.rmtree(tmp_path / 's8_ln')  # as if interrupted before ln began
+    r = recipe('--norm', 'all', '--data', synth, '--epochs', 1, '--bs', 32, '--workers', 0, '--out', tmp_path, '--resume')
+    assert r.returncode == 0 and r.stdout.count('is a finished run; nothing to resume') == 2, r.stderr
+    assert (tmp_path / 's8_ln' / 'metrics.json').exists() and (tmp_path / 's8_comparison.md').read_text().count('| [s8_') == 3
 
 
 def test_epoch_cap_override_is_explicit():
