@@ -44,7 +44,8 @@ def cache_dir() -> Path:
     """Folder where archives are extracted and images decoded (made if needed): `$CIFAR_FA_CACHE`, else `~/.cache/cifar_fa`."""
     d = Path(os.environ.get('CIFAR_FA_CACHE', Path.home() / '.cache' / 'cifar_fa')).expanduser()
     try: d.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise DataError(f"cannot use {d} as the cache folder ({e.strerror}); set CIFAR_FA_CACHE to a writable folder") from None
+    except OSError as e:
+        raise DataError(f"cannot use {d} as the cache folder ({e.strerror}); set CIFAR_FA_CACHE to a writable folder") from None
     if not os.access(d, os.W_OK): raise DataError(f"cannot write to the cache folder {d}; set CIFAR_FA_CACHE to a writable folder")
     return d
 

@@ -18,7 +18,8 @@ def rf_table(spec: str, size: int = 32) -> pd.DataFrame:
         k_eff = d * (k - 1) + 1
         n_out = (n + 2 * p - k_eff) // s + 1
         rf, n_in, n, jump = rf + (k_eff - 1) * jump, n, n_out, jump * s
-        if n_out < 1: raise ValueError(f"spec layer {l.name} turns a {n_in}x{n_in} map into {n_out}x{n_out}: drop a pool or stride, or shrink a kernel")
+        if n_out < 1:
+            raise ValueError(f"spec layer {l.name} turns a {n_in}x{n_in} map into {n_out}x{n_out}: drop a pool or stride, or shrink a kernel")
         if l.add and sizes[l.add] != n_out:
             raise ValueError(f"spec layer {l.name} ({n_out}x{n_out}) cannot add {l.add} ({sizes[l.add]}x{sizes[l.add]})")
         sizes[l.name] = n_out
