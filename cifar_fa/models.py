@@ -42,6 +42,9 @@ def _parse_token(tok: str, after_gap: bool) -> LayerSpec:
     opts = [o for o in m['opts'].split('/') if o]
     if nf == 0 or any(o != 'dw' and int(o[1:]) == 0 for o in opts):
         raise ValueError(f"spec token {tok!r}: widths, /d, /s and /k must be at least 1")
+    pool = name == 'GAP' or (name[0] == 'P' and not after_gap)
+    if (pool and (nf or opts)) or (after_gap and opts):
+        raise ValueError(f"spec token {tok!r}: {'P and GAP take no width' if pool else 'the head takes a width'} and no /options")
     if name == 'GAP': return LayerSpec(name, 'gap')
     if after_gap: return LayerSpec(name, 'head', nf=nf, ks=1)  # any name: the 1x1 conv to the classes
     if name[0] == 'P': return LayerSpec(name, 'pool', ks=2, stride=2)

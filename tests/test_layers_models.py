@@ -104,7 +104,9 @@ def test_fastai_tensor_types_stop_at_the_model():
 
 @pytest.mark.parametrize('spec,msg', [('C1 GAP C2', 'needs a width'), ('C1:8 X2:8', 'layers are'),
                                       ('C1:8 C2:8+C9 GAP C3', 'not an earlier layer'), ('C1:8 C1:8', 'repeats'),
-                                      (' ', 'empty'), ('C1:0', 'at least 1'), ('C1:8/s0', 'at least 1'), ('C1:8 GAP O:0', 'at least 1')])
+                                      (' ', 'empty'), ('C1:0', 'at least 1'), ('C1:8/s0', 'at least 1'), ('C1:8 GAP O:0', 'at least 1'),
+                                      ('C1:8 P1:8', 'P and GAP take no width'), ('C1:8 P1/s2', 'no /options'),
+                                      ('C1:8 GAP:4 O', 'P and GAP'), ('C1:8 GAP O/d2', 'the head takes a width and no /options')])
 def test_bad_specs(spec, msg):
     with pytest.raises(ValueError, match=msg): parse_spec(spec)
 
