@@ -65,8 +65,9 @@ def parser(recipe: Recipe) -> argparse.ArgumentParser:
     p.add_argument('--subset', type=_positive(int), default=None, help='use N training images per class (quick looks)')
     p.add_argument('--out', default=None, help="run folder (default runs/<recipe>_<norm>); with --norm all, the folder "
                                               "that holds one per norm and the comparison (default runs)")
-    p.add_argument('--resume', action='store_true', help="continue the run in --out from its last checkpoint")
-    p.add_argument('--overwrite', action='store_true', help='replace an existing run folder')
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument('--resume', action='store_true', help="continue the run in --out from its last checkpoint")
+    keep.add_argument('--overwrite', action='store_true', help='replace an existing run folder')
     p.add_argument('--outside-assignment', action='store_true',
                    help="skip the assignment's constraint checks (the run's metrics say so)")
     p.add_argument('--dry-run', action='store_true', help='build and check the model, print its summary, load no data')
