@@ -14,6 +14,7 @@ p.add_argument('--tta', action='store_true', help='also print the test accuracy 
 p.add_argument('--image', help='predict this one image and print the top-3 classes instead')
 p.add_argument('--weights', help='a .pth of plain weights (e.g. RUN_DIR/checkpoints/last.pth) to load instead of model.pkl')
 args = p.parse_args()
+if args.k < 1: p.error(f'argument --k: must be at least 1, got {args.k}')
 try:
     if args.image:
         for label, prob in predict_image(load_run(args.run_dir, args.weights, args.data), args.image):
