@@ -14,7 +14,7 @@ from .constraints import ConstraintError
 from .data import DataError
 from .layers import NORMS
 from .models import SpecNet
-from .train import OPTIMIZERS, Recipe, RunConfig, RunError, build_model, describe, flag, run
+from .train import OPTIMIZERS, Recipe, RunConfig, RunError, build_model, describe, flag, holds_run, run
 
 __all__ = ['parser', 'config_from_args', 'main']
 
@@ -129,7 +129,7 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
     cfgs = [config_from_args(recipe, argv, norm=n, **({'out': str(parent / f'{recipe.name}_{n}')} if parent else {}))
             for n in norms]
     if parent and args.resume:  # the norms an interrupted --norm all never reached start from scratch
-        cfgs = [c if Path(c.out).is_dir() and any(Path(c.out).iterdir()) else replace(c, resume=False) for c in cfgs]
+        cfgs = [c if holds_run(Path(c.out)) else replace(c, resume=False) for c in cfgs]
     try:
         models = [build_model(recipe, cfg) for cfg in cfgs]  # every variant is checked before any trains
         if args.dry_run:

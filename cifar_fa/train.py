@@ -32,7 +32,7 @@ from .interpret import flip_tta_accuracy, plot_curves, review
 from .models import SpecNet, count_params
 from .receptive_field import rf_table, total_rf
 
-__all__ = ['OPTIMIZERS', 'RUN_SETTINGS', 'Recipe', 'RunConfig', 'RunError', 'build_model', 'build_learner', 'describe', 'flag',
+__all__ = ['OPTIMIZERS', 'RUN_SETTINGS', 'Recipe', 'RunConfig', 'RunError', 'build_model', 'build_learner', 'describe', 'flag', 'holds_run',
            'run', 'pick_device']
 
 
@@ -149,11 +149,16 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
     return learn
 
 
+def holds_run(out: Path) -> bool:
+    """Whether the folder `out` exists with anything in it."""
+    return out.is_dir() and any(out.iterdir())
+
+
 def _prepare_out(cfg: RunConfig, spec: str) -> tuple[Path, dict]:
     """The run folder, checked and made, and on --resume the config.json of the run it continues."""
     out = Path(cfg.out or f'runs/{cfg.recipe}_{cfg.norm}')
     if out.exists() and not out.is_dir(): raise RunError(f"{out} is a file, not a run folder; pass another --out")
-    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+    if holds_run(out) and not (cfg.resume or cfg.overwrite):
         raise RunError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
     if cfg.resume and last_epoch(out / 'checkpoints') is None:
         raise RunError(f"{out} has no checkpoint to resume from (no epoch finished); start it again with --overwrite")
