@@ -19,17 +19,20 @@ from pathlib import Path
 from typing import Sequence
 
 import albumentations as A
-import fastai
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastai.callback.core import Callback, CancelValidException
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cifar_fa import RunConfig, build_learner, build_model, cifar10_path, cifar_dls  # before fastai: it quiets fastai's import
+from cifar_fa.cli import non_negative, one_line_errors, positive
+from cifar_fa.data import CIFAR_STATS, image_files
+from cifar_fa.train import RunError
+import fastai
+from fastai.callback.core import Callback, CancelValidException
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'recipes'))
-from cifar_fa import RunConfig, build_learner, build_model, cifar10_path, cifar_dls  # noqa: E402
-from cifar_fa.data import CIFAR_STATS, image_files  # noqa: E402
 from s8_norms import RECIPE  # noqa: E402
 
 
@@ -116,10 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     """Print the figures and return them."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data', default=None, help='CIFAR-10 folder or .tgz (default $CIFAR10_DIR, else untar_data)')
-    p.add_argument('--batches', type=int, default=60, help='batches per measurement')
-    p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument('--bs', type=int, default=128)
-    p.add_argument('--repeats', type=int, default=3, help='alternated timings of each training loop (the median is shown)')
+    p.add_argument('--batches', type=positive(int), default=60, help='batches per measurement')
+    p.add_argument('--workers', type=non_negative(int), default=min(4, os.cpu_count() or 1))
+    p.add_argument('--bs', type=positive(int), default=128)
+    p.add_argument('--repeats', type=positive(int), default=3, help='alternated timings of each training loop (the median is shown)')
     p.add_argument('--device', default='auto')
     args = p.parse_args(argv)
     root = cifar10_path(args.data)
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     plain_dl = DataLoader(PlainCifar(train, RECIPE.augs), args.bs, shuffle=True, num_workers=args.workers,
                           drop_last=True, pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0)
     full_dls = cifar_dls(root, RECIPE.augs, bs=args.bs, workers=args.workers, device=device)
+    if len(full_dls.train) <= args.batches:
+        raise RunError(f'--batches {args.batches} needs {args.batches + 1} training batches of {args.bs} (one warms up), '
+                       f'but {root} holds {len(full_dls.train)}; pass a smaller --batches or --bs')
     ours, plain = pipeline_rate(full_dls.train, args.batches), pipeline_rate(plain_dl, args.batches)
     timer, n_steps = TrainTime(), len(learn.dls.train)
     ours_s, plain_s = [], []
@@ -165,4 +171,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == '__main__':
-    main()
+    with one_line_errors(): main()

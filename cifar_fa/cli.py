@@ -6,8 +6,10 @@ import errno
 import math
 import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 from .callbacks import DivergedError
 from .constraints import ConstraintError
@@ -16,10 +18,10 @@ from .layers import NORMS
 from .models import SpecNet
 from .train import OPTIMIZERS, Recipe, RunConfig, RunError, build_model, describe, flag, holds_run, run
 
-__all__ = ['parser', 'config_from_args', 'main']
+__all__ = ['parser', 'config_from_args', 'main', 'positive', 'non_negative', 'one_line_errors']
 
 
-def _number(kind, ok, need: str):
+def _number(kind: type, ok: Callable, need: str) -> Callable[[str], float]:
     def parse(s: str):
         v = kind(s)
         if not (math.isfinite(v) and ok(v)): raise argparse.ArgumentTypeError(f'must be {need}, got {s}')
@@ -27,13 +29,21 @@ def _number(kind, ok, need: str):
     return parse
 
 
-def _positive(kind): return _number(kind, lambda v: v > 0, 'positive')
-def _non_negative(kind): return _number(kind, lambda v: v >= 0, 'zero or more')
+def positive(kind: type) -> Callable[[str], float]:
+    """An argparse type: a finite `kind` above zero."""
+    return _number(kind, lambda v: v > 0, 'positive')
+
+
+def non_negative(kind: type) -> Callable[[str], float]:
+    """An argparse type: a finite `kind` of zero or more."""
+    return _number(kind, lambda v: v >= 0, 'zero or more')
+
+
 _fraction = _number(float, lambda v: 0 <= v < 1, 'at least 0 and below 1')
 
 
 def _lr(s: str) -> float | str:
-    return s if s == 'find' else _positive(float)(s)
+    return s if s == 'find' else positive(float)(s)
 
 
 def parser(recipe: Recipe) -> argparse.ArgumentParser:
@@ -48,21 +58,21 @@ def parser(recipe: Recipe) -> argparse.ArgumentParser:
                    help="normalization layer; 'all' trains each in turn and writes a comparison")
     p.add_argument('--data', default=None, help='CIFAR-10 folder (train/, test/) or .tgz of one; default $CIFAR10_DIR, '
                                                "else fastai's untar_data(URLs.CIFAR)")
-    p.add_argument('--epochs', type=_positive(int), default=d['epochs'])
-    p.add_argument('--bs', type=_positive(int), default=d['bs'], help='batch size')
+    p.add_argument('--epochs', type=positive(int), default=d['epochs'])
+    p.add_argument('--bs', type=positive(int), default=d['bs'], help='batch size')
     p.add_argument('--opt', choices=list(OPTIMIZERS), default=d['opt'], help='optimizer')
     p.add_argument('--lr', type=_lr, default=d['lr'], help="max learning rate of the one cycle, or 'find'")
-    p.add_argument('--wd', type=_non_negative(float), default=d['wd'], help='weight decay (adam: decoupled; sgd: L2)')
+    p.add_argument('--wd', type=non_negative(float), default=d['wd'], help='weight decay (adam: decoupled; sgd: L2)')
     p.add_argument('--dropout', type=_fraction, default=d['dropout'])
     p.add_argument('--ws', action=argparse.BooleanOptionalAction, default=d['ws'],
                    help='weight-standardized convs (zero-mean, unit-variance filters)')
     p.add_argument('--label-smoothing', type=_fraction, default=d['label_smoothing'])
     p.add_argument('--seed', type=int, default=d['seed'])
-    p.add_argument('--workers', type=_non_negative(int), default=d['workers'], help='DataLoader workers (default: min(4, CPUs))')
+    p.add_argument('--workers', type=non_negative(int), default=d['workers'], help='DataLoader workers (default: min(4, CPUs))')
     p.add_argument('--device', default=d['device'], help='auto, cpu or cuda')
     p.add_argument('--spec', default=None, help="the network as a spec string (README: Models are specs) instead of the "
                                                "recipe's SPEC; the assignment's constraints still apply")
-    p.add_argument('--subset', type=_positive(int), default=None, help='use N training images per class (quick looks)')
+    p.add_argument('--subset', type=positive(int), default=None, help='use N training images per class (quick looks)')
     p.add_argument('--out', default=None, help="run folder (default runs/<recipe>_<norm>); with --norm all, the folder "
                                               "that holds one per norm and the comparison (default runs)")
     keep = p.add_mutually_exclusive_group()
@@ -107,6 +117,15 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Stop with one line on stderr and exit status 2 on the errors a user can fix: bad input, broken constraints."""
+    try: yield
+    except (ConstraintError, DataError, RunError, DivergedError) as e:
+        print(f'error: {str(e).strip().splitlines()[-1].strip()}', file=sys.stderr)  # fastai prefixes callback errors
+        sys.exit(2)
+
+
 def _stop_requested(e: BaseException) -> bool:
     """Whether `e` is Ctrl-C or SIGTERM, or torch reporting workers that SIGTERM stopped (before `_interrupt` ran)."""
     return (isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt)
@@ -131,15 +150,13 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
     if parent and args.resume:  # the norms an interrupted --norm all never reached start from scratch
         cfgs = [c if holds_run(Path(c.out)) else replace(c, resume=False) for c in cfgs]
     try:
-        models = [build_model(recipe, cfg) for cfg in cfgs]  # every variant is checked before any trains
-        if args.dry_run:
-            for cfg, model in zip(cfgs, models):
-                print(model, '\n', describe(recipe, model), _constraints_line(recipe, cfg, model), sep='')
-            return None
-        results = [run(recipe, cfg) for cfg in cfgs]
-    except (ConstraintError, DataError, RunError, DivergedError) as e:
-        print(f'error: {str(e).strip().splitlines()[-1].strip()}', file=sys.stderr)  # fastai prefixes callback errors
-        sys.exit(2)
+        with one_line_errors():
+            models = [build_model(recipe, cfg) for cfg in cfgs]  # every variant is checked before any trains
+            if args.dry_run:
+                for cfg, model in zip(cfgs, models):
+                    print(model, '\n', describe(recipe, model), _constraints_line(recipe, cfg, model), sep='')
+                return None
+            results = [run(recipe, cfg) for cfg in cfgs]
     except (MemoryError, OSError) as e:
         if isinstance(e, OSError) and e.errno != errno.ENOMEM: raise
         # e.g. forking the DataLoader workers when the process's memory outgrew the machine's (README: memory notes)

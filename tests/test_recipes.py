@@ -16,6 +16,7 @@ import torch
 from conftest import ROOT
 
 S8 = str(ROOT / 'recipes' / 's8_norms.py')
+BENCH = ROOT / 'benchmarks' / 'bench.py'
 
 
 def recipe(*args, script=S8, timeout=600):
@@ -286,7 +287,18 @@ def test_s9_cutout_is_one_16x16_hole_of_the_mean():
 
 
 def test_benchmark_runs_on_a_tiny_input(synth):
-    r = recipe('--data', synth, '--batches', 2, '--bs', 8, '--workers', 0, script=ROOT / 'benchmarks' / 'bench.py')
+    r = recipe('--data', synth, '--batches', 2, '--bs', 8, '--workers', 0, script=BENCH)
     assert r.returncode == 0, r.stderr
     for figure in ('pipeline ratio', 'training time ratio', 'peak resident memory'):
         assert re.search(rf'^{figure}.*\s[\d.]+$', r.stdout, re.M), r.stdout
+
+
+@pytest.mark.parametrize('args,msg', [
+    (['--batches', 0], 'argument --batches: must be positive'), (['--repeats', 0], 'argument --repeats: must be positive'),
+    (['--workers', -1], 'argument --workers: must be zero or more'), (['--data', '/no/such/dir'], 'error: /no/such/dir does not exist'),
+    (['--device', 'tpu'], 'error: --device tpu is not one'),
+    (['--batches', 15], 'error: --batches 15 needs 16 training batches of 8 (one warms up), but'),  # synth holds 15
+])
+def test_benchmark_bad_input_one_line(args, msg, synth):
+    r = recipe('--data', synth, '--batches', 2, '--bs', 8, '--workers', 0, '--repeats', 1, *args, script=BENCH)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and msg in r.stderr.strip().splitlines()[-1], r.stderr

@@ -180,7 +180,7 @@ def test_review_script(trained, synth, tmp_path):
         rows = [l.split() for l in r.stdout.strip().splitlines()]
         assert len(rows) == 3 and all(c in CLASSES and 0 <= float(p) <= 1 for c, p in rows)
     r = subprocess.run([*review, '--k', '0'], capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and 'argument --k: must be at least 1' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert r.returncode == 2 and 'argument --k: must be positive' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     r = subprocess.run([*review[:2], str(tmp_path)], capture_output=True, text=True, env=env)  # not a run folder
     assert r.returncode == 2 and r.stderr.startswith(f"error: {tmp_path / 'config.json'} does not exist; pass a finished run"), r.stderr
 
