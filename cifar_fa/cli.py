@@ -11,7 +11,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .callbacks import DivergedError
+from .callbacks import DivergedError, last_epoch
 from .constraints import ConstraintError
 from .data import DataError
 from .layers import NORMS
@@ -132,6 +132,11 @@ def _stop_requested(e: BaseException) -> bool:
             or 'killed by signal: Terminated' in str(e))
 
 
+def _no_epoch_done(out: Path) -> bool:
+    """Whether the run folder `out` holds no finished run and no finished epoch: nothing a fresh start would lose."""
+    return not (out / 'metrics.json').exists() and last_epoch(out / 'checkpoints') is None
+
+
 def _constraints_line(recipe: Recipe, cfg: RunConfig, model: SpecNet) -> str:
     if cfg.outside_assignment:  # build_model skipped the check
         try: recipe.constraints.check(model, cfg.epochs)
@@ -147,8 +152,8 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
     parent = Path(args.out or 'runs') if args.norm == 'all' else None
     cfgs = [config_from_args(recipe, argv, norm=n, **({'out': str(parent / f'{recipe.name}_{n}')} if parent else {}))
             for n in norms]
-    if parent and args.resume:  # the norms an interrupted --norm all never reached start from scratch
-        cfgs = [c if holds_run(Path(c.out)) else replace(c, resume=False) for c in cfgs]
+    if parent and args.resume:  # the norms an interrupted --norm all never reached, or stopped in their first epoch, start afresh
+        cfgs = [replace(c, resume=False, overwrite=holds_run(Path(c.out))) if _no_epoch_done(Path(c.out)) else c for c in cfgs]
     try:
         with one_line_errors():
             models = [build_model(recipe, cfg) for cfg in cfgs]  # every variant is checked before any trains

@@ -149,9 +149,23 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
     return learn
 
 
+# what a run folder may hold: what `run` writes, and logs kept beside it (README: The run folder)
+RUN_FILES = {'config.json', 'summary.txt', 'history.csv', 'curves.png', 'misclassified.png', 'top_losses.png', 'confusion.png',
+             'metrics.json', 'model.pkl', 'model.pth', 'lr_find.png', 'checkpoints'}
+
+
 def holds_run(out: Path) -> bool:
     """Whether the folder `out` exists with anything in it."""
     return out.is_dir() and any(out.iterdir())
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to let --overwrite delete a folder that is not a run (a parent of runs, a project, the current folder)."""
+    others = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and p.suffix != '.log')
+    if others: why = f"it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
+    elif Path.cwd().resolve().is_relative_to(out.resolve()): why = 'it holds the current folder'
+    else: return
+    raise RunError(f"{out} is not a run folder ({why}); --overwrite replaces only a run: pass another --out")
 
 
 def _prepare_out(cfg: RunConfig, spec: str) -> tuple[Path, dict]:
@@ -168,7 +182,10 @@ def _prepare_out(cfg: RunConfig, spec: str) -> tuple[Path, dict]:
     if changed := [k for k in RUN_SETTINGS if k in prev and prev[k] != getattr(cfg, k)]:
         was = ', '.join(flag(k, prev[k]) if prev[k] is not None else f"no --{k.replace('_', '-')}" for k in changed)
         raise RunError(f"{out} was trained with {was}; resume it with the same settings, or start a new run in another --out")
-    if cfg.overwrite and not cfg.resume: shutil.rmtree(out, ignore_errors=True)
+    if cfg.overwrite and not cfg.resume and holds_run(out):
+        _check_replaceable(out)
+        try: shutil.rmtree(out)
+        except OSError as e: raise RunError(f"cannot remove {out} ({e.strerror}); remove it yourself or pass another --out") from None
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise RunError(f"cannot make the run folder {out} ({e.strerror}); pass another --out") from None
     return out, prev

@@ -208,10 +208,15 @@ def test_norm_all_writes_comparison(synth, tmp_path):
     assert table.count('| [s8_') == 3 and '49,162' in table and (tmp_path / 's8_comparison.png').stat().st_size
     assert '| [s8_ln]' in r.stdout  # the table is printed too
     assert '`recipes/s8_norms.py --norm gn --opt sgd --lr 0.1 --wd 0.0005 --bs 32 --epochs 1 ' in table
-    shutil.rmtree(tmp_path / 's8_ln')  # as if interrupted before ln began
+    shutil.rmtree(tmp_path / 's8_gn')  # as if interrupted before gn began ...
+    shutil.rmtree(tmp_path / 's8_ln' / 'checkpoints')  # ... or in ln's first epoch: config.json and history.csv written,
+    (tmp_path / 's8_ln' / 'metrics.json').unlink()  # no checkpoint
+    bn_model = (tmp_path / 's8_bn' / 'model.pth').stat().st_mtime_ns
     r = recipe('--norm', 'all', '--data', synth, '--epochs', 1, '--bs', 32, '--workers', 0, '--out', tmp_path, '--resume')
-    assert r.returncode == 0 and r.stdout.count('is a finished run; nothing to resume') == 2, r.stderr
-    assert (tmp_path / 's8_ln' / 'metrics.json').exists() and (tmp_path / 's8_comparison.md').read_text().count('| [s8_') == 3
+    assert r.returncode == 0 and r.stdout.count('is a finished run; nothing to resume') == 1, r.stderr
+    assert all((tmp_path / f's8_{n}' / 'metrics.json').exists() for n in ('gn', 'ln'))
+    assert (tmp_path / 's8_bn' / 'model.pth').stat().st_mtime_ns == bn_model  # the finished norm is left as it was
+    assert (tmp_path / 's8_comparison.md').read_text().count('| [s8_') == 3
 
 
 def test_epoch_cap_override_is_explicit():

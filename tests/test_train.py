@@ -122,6 +122,21 @@ def test_run_stopped_before_its_first_epoch_restarts_with_overwrite(synth, tmp_p
     assert run(S8, RunConfig('s8', overwrite=True, **kw))['epochs'] == 1
 
 
+def test_overwrite_replaces_only_a_run_folder(synth, tmp_path, monkeypatch):
+    kw = dict(epochs=1, bs=16, workers=0, device='cpu', data=str(synth), subset=2, overwrite=True)
+    (tmp_path / 'runs' / 's8_bn').mkdir(parents=True)
+    (tmp_path / 'runs' / 's8_bn' / 'config.json').write_text('{}')
+    with pytest.raises(RunError, match=r'runs is not a run folder \(it holds s8_bn\)'):  # --out runs, meant for --norm all
+        run(S8, RunConfig('s8', out=str(tmp_path / 'runs'), **kw))
+    (tmp_path / 'notes.txt').touch()
+    monkeypatch.chdir(tmp_path / 'runs' / 's8_bn')
+    with pytest.raises(RunError, match='it holds the current folder'): run(S8, RunConfig('s8', out='.', **kw))
+    assert (tmp_path / 'notes.txt').exists() and (tmp_path / 'runs' / 's8_bn' / 'config.json').read_text() == '{}'
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'runs' / 's8_bn' / 'train.log').touch()
+    assert run(S8, RunConfig('s8', out='runs/s8_bn', **kw))['epochs'] == 1  # a run folder (logs beside it too) is replaced
+
+
 def test_lr_find_picks_valley_and_saves_plot(synth, tmp_path):
     m = run(S8, RunConfig('s8', norm='gn', ws=True, epochs=1, bs=16, lr='find', workers=0, device='cpu', data=str(synth),
                           out=str(tmp_path / 'run')))
