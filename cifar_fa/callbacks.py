@@ -5,7 +5,11 @@ import json
 import math
 import os
 import random
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,6 +27,21 @@ def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + '.tmp')
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block has run, then deliver them."""
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, sigs):
+        yield  # handlers can only be set from the main thread, and only restored if Python set them
+        return
+    got = []
+    old = {s: signal.signal(s, lambda n, _: got.append(n)) for s in sigs}
+    try: yield
+    finally:
+        for s, handler in old.items(): signal.signal(s, handler)
+        if got: signal.raise_signal(got[0])
 
 
 class GroupNormLikeBN(Callback):
@@ -145,9 +164,11 @@ class EpochCheckpoint(Callback):
     def after_epoch(self):
         if not self.trained: return
         tmp = self.learn.save('last.tmp', with_opt=True)
-        os.replace(tmp, tmp.with_name('last.pth'))
-        atomic_write(tmp.with_name('last.json'), json.dumps({'epoch': self.epoch, 'n_epoch': self.n_epoch,
-                                                             'state': epoch_state(self.learn)}))
+        info = tmp.with_name('last.json.tmp')
+        info.write_text(json.dumps({'epoch': self.epoch, 'n_epoch': self.n_epoch, 'state': epoch_state(self.learn)}))
+        with _interrupts_held():  # the weights of one epoch never sit beside the epoch number of another
+            os.replace(tmp, tmp.with_name('last.pth'))
+            os.replace(info, tmp.with_name('last.json'))
 
 
 def last_epoch(model_dir: Path) -> int | None:

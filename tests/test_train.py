@@ -1,9 +1,11 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -110,6 +112,28 @@ def test_interrupted_run_resumes_to_the_same_history(synth, tmp_path, monkeypatc
     pd.testing.assert_frame_equal(h_full.drop(columns='time'), h_cut.drop(columns='time'))  # RNG states were restored
     row = results_table([tmp_path / 'cut']).splitlines()[-1]
     assert resumed['resumed'] and f"{resumed['epoch_seconds'] / 60:.1f} min of epochs (" in row and 'resumed invocation' in row
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(synth, tmp_path, monkeypatch):
+    import cifar_fa.callbacks as cbs
+    replace_file, weights_saved = os.replace, []
+
+    def ctrl_c_between_the_two_files(src, dst):
+        replace_file(src, dst)
+        if Path(dst).name == 'last.pth':
+            weights_saved.append(dst)
+            if len(weights_saved) == 2: signal.raise_signal(signal.SIGINT)  # epoch 1's weights are in place, its number not yet
+
+    kw = dict(norm='bn', epochs=3, bs=16, lr=1e-2, workers=0, device='cpu', data=str(synth), subset=4)
+    full = run(S8, RunConfig('s8', out=str(tmp_path / 'full'), **kw))
+    monkeypatch.setattr(cbs.os, 'replace', ctrl_c_between_the_two_files)
+    with pytest.raises(KeyboardInterrupt): run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), **kw))
+    monkeypatch.setattr(cbs.os, 'replace', replace_file)
+    assert json.loads((tmp_path / 'cut' / 'checkpoints' / 'last.json').read_text())['epoch'] == 1  # not 0 beside epoch 1's weights
+    resumed = run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **kw))
+    h_full, h_cut = (pd.read_csv(tmp_path / d / 'history.csv') for d in ('full', 'cut'))
+    pd.testing.assert_frame_equal(h_full.drop(columns='time'), h_cut.drop(columns='time'))
+    assert resumed['test_accuracy'] == full['test_accuracy']
 
 
 def test_run_stopped_before_its_first_epoch_restarts_with_overwrite(synth, tmp_path):
