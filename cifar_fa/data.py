@@ -101,6 +101,15 @@ def _few(paths: Sequence, n: int = 3) -> str:
     return ', '.join(map(str, paths[:n])) + (f' and {len(paths) - n} more' if len(paths) > n else '')
 
 
+def _rgb(img: Image.Image, name: str | Path) -> np.ndarray:
+    """HWC uint8 RGB pixels of `img`; 16-bit grey (`I;16*`, or `I` holding 0..65535) is scaled to 8 bits, not clipped."""
+    if not img.mode.startswith(('I', 'F')): return np.asarray(img.convert('RGB'))
+    a = np.asarray(img)
+    if a.dtype.kind == 'f' or not 0 <= a.min() <= a.max() <= 65535:
+        raise DataError(f'{name} holds {img.mode}-mode pixels that are not 16-bit integers; save it as an 8- or 16-bit image')
+    return np.stack([(a >> 8).astype(np.uint8)] * 3, axis=-1)
+
+
 def _decode(files: list[Path], size: int) -> tuple[list[str], list[str], np.ndarray]:
     """Files that do not decode, files that are not `size`x`size`, and the RGB pixels of all the others."""
     bad, wrong, pixels = [], [], []
@@ -108,7 +117,8 @@ def _decode(files: list[Path], size: int) -> tuple[list[str], list[str], np.ndar
         try:
             with Image.open(f) as im:
                 if im.size != (size, size): wrong.append(str(f))
-                else: pixels.append(np.asarray(im.convert('RGB')))
+                else: pixels.append(_rgb(im, f))
+        except DataError: raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             bad.append(str(f))
     return bad, wrong, np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
@@ -117,18 +127,25 @@ def _decode(files: list[Path], size: int) -> tuple[list[str], list[str], np.ndar
 _SCANS: dict[str, tuple[list[Path], Path]] = {}  # this process's scans: warnings are given once
 
 
+def _stamp(entry: os.DirEntry) -> tuple[str, int, int]:
+    """Name, size and mtime of a folder entry: what the decoded cache's key depends on."""
+    try: st = entry.stat()
+    except OSError: return entry.name, -1, -1  # a dangling link: listed, then skipped as unreadable
+    return entry.name, st.st_size, st.st_mtime_ns
+
+
 def _scan(root: Path, size: int) -> tuple[list[Path], Path]:
-    """Readable images under `root` and the .npy holding them decoded; cached until a class folder changes."""
+    """Readable images under `root` and the .npy holding them decoded; cached until a file's name, size or mtime changes."""
     classes = check_layout(root)
-    dirs = [root / s / c for s in ('train', 'test') for c in classes]
-    key = hashlib.sha1(f'{root.resolve()}:{size}:{[(str(d), d.stat().st_mtime_ns) for d in dirs]}'.encode()).hexdigest()[:16]
+    listing = {root / s / c: sorted(map(_stamp, os.scandir(root / s / c))) for s in ('train', 'test') for c in classes}
+    key = hashlib.sha1(f'{root.resolve()}:{size}:{[(str(d), e) for d, e in listing.items()]}'.encode()).hexdigest()[:16]
     if key in _SCANS: return _SCANS[key]
     cache = cache_dir()
     meta, npy = cache / f'images-{key}.json', cache / f'images-{key}.npy'
     if not (meta.exists() and npy.exists()):
         files, others = [], []
-        for d in dirs:
-            for name in sorted(os.listdir(d)):
+        for d, entries in listing.items():
+            for name, *_ in entries:
                 (files if os.path.splitext(name)[1].lower() in IMAGE_EXTS else others).append(d / name)
         bad, wrong, pixels = _decode(files, size)
         if wrong: raise DataError(f'{len(wrong)} images are not {size}x{size} ({_few(wrong)}); resize them to {size}x{size} or remove them')
@@ -142,7 +159,7 @@ def _scan(root: Path, size: int) -> tuple[list[Path], Path]:
     if info['others']: warnings.warn(f"ignoring {len(info['others'])} non-image files: {_few(info['others'])}")
     if info['bad']: warnings.warn(f"skipping {len(info['bad'])} unreadable images: {_few(info['bad'])}")
     files = [root / f for f in info['files']]
-    counts = {d: 0 for d in dirs}
+    counts = {d: 0 for d in listing}
     for f in files: counts[f.parent] += 1
     if empty := [d for d, n in counts.items() if n == 0]:
         raise DataError(f'{_few(empty)} hold no readable images; add some or remove the folder')
@@ -218,8 +235,9 @@ def rgb_array(item: Path | str | Image.Image | np.ndarray, size: int = 32) -> np
     if isinstance(item, np.ndarray) and item.shape == (size, size, 3): return item
     try: img = Image.fromarray(item) if isinstance(item, np.ndarray) else item if isinstance(item, Image.Image) else load_image(item)
     except (OSError, SyntaxError, ValueError) as e: raise DataError(f'{item} is not a readable image ({e})') from None
-    if img.size != (size, size): img = img.resize((size, size), Image.BILINEAR)  # predict on any image; training data is checked
-    return np.asarray(img.convert('RGB'))
+    a = _rgb(img, item if isinstance(item, (str, Path)) else type(item).__name__)
+    if a.shape[:2] != (size, size): a = np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR))  # predict on any image; training data is checked
+    return a
 
 
 class ArrayImageDL(TfmdDL):
@@ -276,5 +294,5 @@ def cifar_dls(path: Path, augs: Sequence[A.BasicTransform] = (), bs: int = 128, 
               workers: int | None = None, device=None) -> CifarDataLoaders:
     """Train/test `DataLoaders` for the CIFAR-style folder `path`, reading images from its decoded cache."""
     if workers is None: workers = min(4, os.cpu_count() or 1)
-    dls = cifar_block(augs, n_per_class, DecodedImages(path)).dataloaders(path, bs=bs, num_workers=workers, device=device)
+    dls = cifar_block(augs, n_per_class, DecodedImages(path)).dataloaders(path, path=path, bs=bs, num_workers=workers, device=device)
     return CifarDataLoaders(*dls.loaders, path=dls.path, device=dls.device)

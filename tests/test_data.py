@@ -1,4 +1,5 @@
 import io
+import os
 import shutil
 import tarfile
 from urllib.error import URLError
@@ -130,20 +131,31 @@ def test_bad_files_skipped_with_warning(synth, tmp_path):
     dls.train.one_batch()
 
 
+RAMP = (np.arange(32 * 32).reshape(32, 32) // 4).astype(np.uint8)  # every 8-bit value, 4 pixels each
+
+
 def test_image_modes_become_rgb(synth, tmp_path):
+    from cifar_fa.data import DecodedImages, rgb_array
     root = shutil.copytree(synth, tmp_path / 'd')
-    src = Image.open(root / 'train' / CLASSES[0] / '0000.png')
-    for mode in ('L', 'RGBA', 'P', 'I;16'):
-        src.convert('L' if mode == 'I;16' else mode).convert(mode).save(root / 'train' / CLASSES[0] / f'm_{mode[0]}.png')
+    cls = root / 'train' / CLASSES[0]
+    src = Image.open(cls / '0000.png')
+    for mode in ('L', 'RGBA', 'P'): src.convert(mode).save(cls / f'm_{mode}.png')
+    for ext in ('png', 'pgm'): Image.fromarray(RAMP.astype(np.uint16) * 257).save(cls / f'm_16.{ext}')  # opens as I;16, I
     dls = cifar_dls(cifar10_path(root), bs=200, workers=0)
     x, y = dls.train.new(shuffle=False, drop_last=False).one_batch()
-    assert x.shape[1:] == (3, 32, 32) and len(dls.train_ds) == 124
+    assert x.shape[1:] == (3, 32, 32) and len(dls.train_ds) == 125
+    get = DecodedImages(root)
+    for f in (cls / 'm_16.png', cls / 'm_16.pgm'):
+        assert (get(f) == RAMP[..., None]).all() and (rgb_array(f) == RAMP[..., None]).all()  # scaled, not clipped to 255
 
 
 def test_wrong_size_refused(synth, tmp_path):
     root = shutil.copytree(synth, tmp_path / 'd')
     Image.new('RGB', (64, 48)).save(root / 'test' / CLASSES[2] / 'big.png')
     with pytest.raises(DataError, match='not 32x32 .*big.png.*resize'): cifar10_path(root)
+    (root / 'test' / CLASSES[2] / 'big.png').unlink()
+    Image.new('F', (32, 32)).save(root / 'test' / CLASSES[2] / 'float.tif')
+    with pytest.raises(DataError, match='float.tif holds F-mode pixels .* save it as an 8- or 16-bit image'): cifar10_path(root)
 
 
 def test_decoded_cache_reused_until_a_folder_changes(synth, tmp_path, monkeypatch):
@@ -159,6 +171,17 @@ def test_decoded_cache_reused_until_a_folder_changes(synth, tmp_path, monkeypatc
     with pytest.raises(pytest.fail.Exception, match='decoded again'): data.image_files(root)
 
 
+def test_decoded_cache_rebuilt_when_a_file_is_rewritten(synth, tmp_path):
+    from cifar_fa.data import DecodedImages
+    root = shutil.copytree(synth, tmp_path / 'd')
+    f = root / 'train' / CLASSES[0] / '0000.png'
+    old = DecodedImages(root)(f)
+    st = os.stat(f)
+    Image.fromarray(255 - old).save(f)  # in place: the class folder's mtime stays
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert (DecodedImages(root)(f) == 255 - old).all()
+
+
 def test_decoded_images_getter(synth):
     import pickle
     from cifar_fa.data import DecodedImages
@@ -171,7 +194,9 @@ def test_decoded_images_getter(synth):
 
 
 def test_dataloaders_say_what_they_hold(synth):
-    text = repr(cifar_dls(synth, [A.HorizontalFlip()], bs=8, workers=0))
+    dls = cifar_dls(synth, [A.HorizontalFlip()], bs=8, workers=0)
+    text = repr(dls)
+    assert dls.path == synth and f'from {synth}' in text
     assert 'train: 120 images, 15 batches of 8' in text and 'test : 40 images' in text
     assert 'HorizontalFlip' in text and 'class9' in text
 
@@ -184,3 +209,7 @@ def test_rgb_array_takes_any_image(tmp_path):
         assert a.shape == (32, 32, 3) and a.dtype == np.uint8
     (tmp_path / 'bad.png').write_bytes(b'nope')
     with pytest.raises(DataError, match='not a readable image'): rgb_array(tmp_path / 'bad.png')
+    big_endian = Image.fromarray((RAMP.astype(np.uint16) * 257).astype('>u2'))
+    assert big_endian.mode == 'I;16B' and (rgb_array(big_endian) == RAMP[..., None]).all()
+    Image.new('F', (32, 32)).save(tmp_path / 'float.tif')
+    with pytest.raises(DataError, match='float.tif holds F-mode pixels that are not 16-bit'): rgb_array(tmp_path / 'float.tif')
