@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .models import SpecNet, count_params, parse_spec
+from .models import LayerSpec, SpecNet, count_params, parse_spec
 from .receptive_field import total_rf
 
 __all__ = ['Constraints', 'ConstraintError']
@@ -11,6 +11,14 @@ __all__ = ['Constraints', 'ConstraintError']
 
 class ConstraintError(ValueError):
     """A model or setting breaks its assignment's rules."""
+
+
+def _options(l: LayerSpec) -> list[str]:
+    """The /options that make layer `l` differ from its letter's plain conv (`/k3` on a C is no difference)."""
+    if l.kind != 'conv': return []
+    opts = {f'/k{l.ks}': l.ks != (3 if l.name[0] == 'C' else 1), f'/s{l.stride}': l.stride != 1,
+            f'/d{l.dilation}': l.dilation != 1, '/dw': l.separable}
+    return [o for o, on in opts.items() if on]
 
 
 @dataclass(frozen=True)
@@ -32,11 +40,14 @@ class Constraints:
         names = ' '.join(l.name for l in layers)
         if self.skeleton and names != self.skeleton:
             raise ConstraintError(f"the model's layers are '{names}', but the assignment's skeleton is '{self.skeleton}'")
+        if self.skeleton and (l := next((l for l in layers if _options(l)), None)):
+            raise ConstraintError(f"layer {l.name} has {''.join(_options(l))}, but the skeleton's layers take no /options "
+                                  "(C = 3x3 conv, c = 1x1 conv, no stride, dilation or depthwise-separable)")
         if self.blocks:
             seq = [l.block for l in layers if l.kind != 'head']
-            seq = ' '.join(b for i, b in enumerate(seq) if i == 0 or b != seq[i - 1])
-            if seq != self.blocks or not any(l.kind == 'head' for l in layers):
-                raise ConstraintError(f"the model's blocks are '{seq}' then {'a' if seq != self.blocks else 'no'} head, "
+            seq, head = ' '.join(b for i, b in enumerate(seq) if i == 0 or b != seq[i - 1]), any(l.kind == 'head' for l in layers)
+            if seq != self.blocks or not head:
+                raise ConstraintError(f"the model's blocks are '{seq}' then {'a' if head else 'no'} head, "
                                       f"but the assignment needs '{self.blocks}' then a 1x1 conv to the classes")
         if self.block_convs is not None:
             for b in sorted({l.block for l in layers if l.kind == 'conv'}):
@@ -46,9 +57,10 @@ class Constraints:
             raise ConstraintError(f"the model has {n:,} parameters; the assignment allows fewer than {self.max_params:,}: narrow some layers")
         if self.min_rf is not None and (rf := total_rf(model.spec)) <= self.min_rf:
             raise ConstraintError(f"the receptive field is {rf}; the assignment needs more than {self.min_rf}: add or dilate convs")
-        if self.need_dilated and not any(l.dilation > 1 for l in layers):
+        # a 1x1 conv sees one pixel whatever its dilation, and its depthwise part is a per-channel scale
+        if self.need_dilated and not any(l.dilation > 1 and l.ks > 1 for l in layers):
             raise ConstraintError("the assignment needs at least one dilated conv (e.g. C3:64/d2)")
-        if self.need_separable and not any(l.separable for l in layers):
+        if self.need_separable and not any(l.separable and l.ks > 1 for l in layers):
             raise ConstraintError("the assignment needs at least one depthwise-separable conv (e.g. C4:64/dw)")
         if self.need_gap and not any(l.kind == 'gap' for l in layers):
             raise ConstraintError("the assignment needs global average pooling (GAP) before the classifier")

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['NORMS', 'GN_GROUPS', 'norm_layer', 'WSConv2d', 'ConvBlock', 'is_norm']
+__all__ = ['NORMS', 'GN_GROUPS', 'norm_layer', 'WSConv2d', 'ConvBlock']
 
 GN_GROUPS = 4  # `gn` splits channels into gcd(C, 4) groups: 4 groups for every width we use
 
@@ -29,11 +29,6 @@ def norm_layer(name: str) -> Callable[[int], nn.Module]:
     """Return the norm factory (a callable of the channel count) called `name`."""
     try: return NORMS[name]
     except KeyError: raise ValueError(f"unknown norm {name!r}: choose one of {', '.join(NORMS)}") from None
-
-
-def is_norm(m: nn.Module) -> bool:
-    """Whether `m` is one of the normalization layers `NORMS` builds."""
-    return isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))
 
 
 class WSConv2d(nn.Conv2d):

@@ -11,6 +11,7 @@ from .layers import ConvBlock, norm_layer
 
 __all__ = ['LayerSpec', 'parse_spec', 'SpecNet', 'count_params']
 
+_MAX_VALUE = 65_536  # far beyond any CIFAR network; a 20-digit width overflows torch's int64 shapes even on the meta device
 _TOKEN = re.compile(r'^(?P<name>[A-Za-z]+\d*[a-z]?)(?::(?P<nf>\d+))?(?P<opts>(?:/(?:d\d+|s\d+|k\d+|dw))*)(?:\+(?P<add>\w+))?$')
 
 
@@ -40,11 +41,13 @@ def _parse_token(tok: str, after_gap: bool) -> LayerSpec:
     if not m: raise ValueError(f"spec token {tok!r} is not NAME[:width][/d2|/s2|/k5|/dw][+SOURCE]")
     name, nf, add = m['name'], m['nf'] and int(m['nf']), m['add']
     opts = [o for o in m['opts'].split('/') if o]
-    if nf == 0 or any(o != 'dw' and int(o[1:]) == 0 for o in opts):
-        raise ValueError(f"spec token {tok!r}: widths, /d, /s and /k must be at least 1")
+    values = [int(o[1:]) for o in opts if o != 'dw'] + ([] if nf is None else [nf])
+    if not all(1 <= v <= _MAX_VALUE for v in values):
+        raise ValueError(f"spec token {tok!r}: widths, /d, /s and /k must be from 1 to {_MAX_VALUE:,}")
     pool = name == 'GAP' or (name[0] == 'P' and not after_gap)
-    if (pool and (nf or opts)) or (after_gap and opts):
-        raise ValueError(f"spec token {tok!r}: {'P and GAP take no width' if pool else 'the head takes a width'} and no /options")
+    if (pool and (nf or opts or add)) or (after_gap and (opts or add)):
+        what = 'P and GAP take no width,' if pool else 'the head takes a width but'
+        raise ValueError(f"spec token {tok!r}: {what} no /options and no +SOURCE")
     if name == 'GAP': return LayerSpec(name, 'gap')
     if after_gap: return LayerSpec(name, 'head', nf=nf, ks=1)  # any name: the 1x1 conv to the classes
     if name[0] == 'P': return LayerSpec(name, 'pool', ks=2, stride=2)

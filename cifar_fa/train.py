@@ -112,13 +112,15 @@ def pick_device(name: str) -> torch.device:
 
 def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
     """The recipe's network with `cfg`'s norm, dropout and seed, checked against the assignment's constraints."""
-    set_seed(cfg.seed, reproducible=True)
-    try: model = SpecNet(recipe.spec if cfg.spec is None else cfg.spec, cfg.norm, dropout=cfg.dropout, ws=cfg.ws)
+    make = partial(SpecNet, recipe.spec if cfg.spec is None else cfg.spec, cfg.norm, dropout=cfg.dropout, ws=cfg.ws)
+    try:
+        with torch.device('meta'): probe = make()  # no weights yet: a --spec too big for memory is refused, not allocated
     except ValueError as e:
         if cfg.spec is None: raise
         raise RunError(f'--spec: {e}') from None
-    if not cfg.outside_assignment: recipe.constraints.check(model, cfg.epochs)
-    return model
+    if not cfg.outside_assignment: recipe.constraints.check(probe, cfg.epochs)
+    set_seed(cfg.seed, reproducible=True)
+    return make()
 
 
 def describe(recipe: Recipe, model: SpecNet) -> str:

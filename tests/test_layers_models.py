@@ -4,10 +4,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastai.torch_core import set_seed
 
-from cifar_fa import NORMS, ConvBlock, SpecNet, count_params, norm_layer, parse_spec
+from cifar_fa import NORMS, ConstraintError, Constraints, ConvBlock, SpecNet, count_params, norm_layer, parse_spec
+from cifar_fa import RunConfig, build_model, layers, train
 from cifar_fa.layers import WSConv2d
 from cifar_fa.callbacks import GroupNormLikeBN  # noqa: F401 (imported to fail early if the module breaks)
+from s7_dilated_separable import RECIPE as S7
 from s8_norms import RECIPE as S8
 
 
@@ -39,6 +42,22 @@ def test_conv_block_options():
     dil = ConvBlock(8, 16, dilation=2)
     assert dil(torch.randn(1, 8, 10, 10)).shape == (1, 16, 10, 10)
     assert ConvBlock(8, 16, stride=2)(torch.randn(1, 8, 10, 10)).shape == (1, 16, 5, 5)
+
+
+def test_layers_exports():
+    assert layers.__all__ == ['NORMS', 'GN_GROUPS', 'norm_layer', 'WSConv2d', 'ConvBlock']
+
+
+def test_build_model_checks_the_budget_before_any_weight_exists(monkeypatch):
+    built = []
+    monkeypatch.setattr(train, 'SpecNet', lambda *a, **k: built.append(SpecNet(*a, **k)) or built[-1])
+    huge = RunConfig('s7', spec='C1a:8 P1 C2a:8 P2 C3a:8/d2 P3 C4a:8 C4b:65536/dw/k65535 GAP O')  # 3.4e10 weights
+    with pytest.raises(ConstraintError, match='parameters'): build_model(S7, huge)
+    assert len(built) == 1 and next(built[0].parameters()).is_meta
+    model = build_model(S8, RunConfig('s8', norm='gn', ws=True))
+    set_seed(42, reproducible=True)
+    plain = SpecNet(S8.spec, 'gn', ws=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))  # seeded as before
 
 
 def test_ws_conv_uses_standardized_filters():
@@ -104,9 +123,13 @@ def test_fastai_tensor_types_stop_at_the_model():
 
 @pytest.mark.parametrize('spec,msg', [('C1 GAP C2', 'needs a width'), ('C1:8 X2:8', 'layers are'),
                                       ('C1:8 C2:8+C9 GAP C3', 'not an earlier layer'), ('C1:8 C1:8', 'repeats'),
-                                      (' ', 'empty'), ('C1:0', 'at least 1'), ('C1:8/s0', 'at least 1'), ('C1:8 GAP O:0', 'at least 1'),
+                                      (' ', 'empty'), ('C1:0', 'from 1 to'), ('C1:8/s0', 'from 1 to'), ('C1:8 GAP O:0', 'from 1 to'),
+                                      ('C1:99999999999999999999', 'from 1 to 65,536'), ('C1:8/k65537', 'from 1 to'),
                                       ('C1:8 P1:8', 'P and GAP take no width'), ('C1:8 P1/s2', 'no /options'),
-                                      ('C1:8 GAP:4 O', 'P and GAP'), ('C1:8 GAP O/d2', 'the head takes a width and no /options')])
+                                      ('C1:8 GAP:4 O', 'P and GAP'), ('C1:8 GAP O/d2', 'the head takes a width but no /options'),
+                                      ('C1:8 P1+C1', r'P and GAP take no width, no /options and no \+SOURCE'),
+                                      ('C1:8 P1+NOPE', r'no \+SOURCE'), ('C1:8 GAP+C1 O', r'no \+SOURCE'),
+                                      ('C1:8 GAP O+GAP', r'the head takes a width but no /options and no \+SOURCE')])
 def test_bad_specs(spec, msg):
     with pytest.raises(ValueError, match=msg): parse_spec(spec)
 

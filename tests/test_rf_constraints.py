@@ -28,6 +28,13 @@ def test_map_shrunk_to_nothing_refused():
     with pytest.raises(ValueError, match='P6 turns a 1x1 map into 0x0'): rf_table('C1:8 P1 P2 P3 P4 P5 P6 GAP O')
 
 
+def test_dilation_past_the_map_refused():
+    rf_table('C1a:16 P1 C2a:16 P2 C3a:16 P3 C4a:16/dw/d3 GAP O')  # 4x4 map: d3 still pairs the edge pixels
+    for d in (4, 40):
+        with pytest.raises(ValueError, match=f'C4a: dilation {d} on a 4x4 map .* below 4'):
+            rf_table(f'C1a:16 P1 C2a:16 P2 C3a:16 P3 C4a:16/dw/d{d} GAP O')
+
+
 def test_rf_of_gap_on_the_input():
     assert total_rf('GAP O') == 1 and total_rf('C1:8 C2:8') == 5
 
@@ -40,6 +47,22 @@ def test_constraint_violations(kw, msg):
     with pytest.raises(ConstraintError, match=msg): Constraints(**kw).check(SpecNet(S8.spec, 'bn'), epochs=20)
 
 
+@pytest.mark.parametrize('spec,need', [('C1:8 c2:8/d2 GAP O', 'dilated'), ('C1:8 C2:8/k1/d2 GAP O', 'dilated'),
+                                       ('C1:8 c2:8/dw GAP O', 'depthwise-separable')])
+def test_1x1_convs_are_neither_dilated_nor_separable(spec, need):
+    with pytest.raises(ConstraintError, match=need):
+        Constraints(need_dilated=need == 'dilated', need_separable=need != 'dilated').check(SpecNet(spec, 'bn'))
+
+
+@pytest.mark.parametrize('change,msg', [(('C1:16', 'C1:16/k1'), 'layer C1 has /k1'), (('C2:32', 'C2:32/s2'), 'layer C2 has /s2'),
+                                        (('c3:16', 'c3:16/k3'), 'layer c3 has /k3'), (('C3:24', 'C3:24/d2'), 'layer C3 has /d2'),
+                                        (('C4:24', 'C4:24/dw/k5'), 'layer C4 has /k5/dw')])
+def test_skeleton_takes_plain_layers(change, msg):
+    with pytest.raises(ConstraintError, match=msg + ", but the skeleton's layers take no /options"):
+        S8.constraints.check(SpecNet(S8.spec.replace(*change), 'bn'))
+    S8.constraints.check(SpecNet(S8.spec.replace('C1:16', 'C1:16/k3').replace('c3:16', 'c3:16/k1'), 'bn'))  # the letter's own kernel
+
+
 def test_constraints_pass():
     Constraints(max_params=100_000, min_rf=15, need_dilated=True, need_separable=True, max_epochs=20).check(
         SpecNet('C1:16 P1 C2:32/d2 C3:32/dw GAP C4', 'bn'), epochs=20)
@@ -49,7 +72,8 @@ def test_constraints_pass():
     ('C1a:8 C1b:8 C1c:8/s2 C2a:8 C2b:8/s2 GAP O', 'block C2 has 2 conv layers'),
     ('C1a:8 C1b:8 C1c:8/s2 C2a:8 C2b:8 C2c:8 C3a:8 C3b:8 C3c:8 GAP O', "blocks are 'C1 C2 C3 GAP'"),
     ('C1a:8 P1 C1b:8 C1c:8 C2a:8 C2b:8 C2c:8 GAP O', "blocks are 'C1 P1 C1 C2 GAP'"),
-    ('C1a:8 C1b:8 C1c:8 C2a:8 C2b:8 C2c:8 GAP', 'then no head'),
+    ('C1a:8 C1b:8 C1c:8 C2a:8 C2b:8 C2c:8 GAP', "blocks are 'C1 C2 GAP' then no head"),
+    ('C1a:8 C1b:8 C1c:8 GAP', "blocks are 'C1 GAP' then no head"),
 ])
 def test_block_constraints(spec, msg):
     with pytest.raises(ConstraintError, match=msg):
