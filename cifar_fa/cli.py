@@ -40,6 +40,7 @@ def non_negative(kind: type) -> Callable[[str], float]:
 
 
 _fraction = _number(float, lambda v: 0 <= v < 1, 'at least 0 and below 1')
+_seed = _number(int, lambda v: 0 <= v < 2 ** 32, f'from 0 to {2 ** 32 - 1:,}')  # what numpy's seeding accepts
 
 
 def _lr(s: str) -> float | str:
@@ -67,7 +68,7 @@ def parser(recipe: Recipe) -> argparse.ArgumentParser:
     p.add_argument('--ws', action=argparse.BooleanOptionalAction, default=d['ws'],
                    help='weight-standardized convs (zero-mean, unit-variance filters)')
     p.add_argument('--label-smoothing', type=_fraction, default=d['label_smoothing'])
-    p.add_argument('--seed', type=int, default=d['seed'])
+    p.add_argument('--seed', type=_seed, default=d['seed'])
     p.add_argument('--workers', type=non_negative(int), default=d['workers'], help='DataLoader workers (default: min(4, CPUs))')
     p.add_argument('--device', default=d['device'], help='auto, cpu or cuda')
     p.add_argument('--spec', default=None, help="the network as a spec string (README: Models are specs) instead of the "

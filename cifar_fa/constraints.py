@@ -65,5 +65,5 @@ class Constraints:
         if self.need_gap and not any(l.kind == 'gap' for l in layers):
             raise ConstraintError("the assignment needs global average pooling (GAP) before the classifier")
         if self.max_epochs is not None and epochs is not None and epochs > self.max_epochs:
-            raise ConstraintError(f"--epochs {epochs} is above the assignment's cap of {self.max_epochs}: "
+            raise ConstraintError(f"--epochs {epochs} is above this recipe's cap of {self.max_epochs}: "
                                   "lower it, or pass --outside-assignment to run outside the assignment")

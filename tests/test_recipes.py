@@ -163,7 +163,7 @@ def test_refused_memory_is_one_line_and_resumable(synth, tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize('args,msg', [
     (['--data', '/no/such/dir'], 'does not exist'),
-    (['--epochs', 21], "above the assignment's cap of 20"),
+    (['--epochs', 21], "above this recipe's cap of 20"),
     (['--device', 'cuda'], 'no CUDA GPU'),
     (['--device', 'tpu'], 'use auto, cpu, cuda or cuda:N'),
     (['--out', 'FILE'], 'is a file, not a run folder'),
@@ -182,7 +182,7 @@ def test_bad_input_one_line(args, msg, synth, tmp_path):
 
 
 @pytest.mark.parametrize('args', [['--norm', 'xx'], ['--epochs', 0], ['--bs', -4], ['--lr', 0], ['--lr', 'nan'], ['--lr', 'inf'],
-                                  ['--wd', -1], ['--dropout', 1], ['--label-smoothing', 1.5], ['--workers', -1],
+                                  ['--wd', -1], ['--dropout', 1], ['--label-smoothing', 1.5], ['--workers', -1], ['--seed', -1], ['--seed', 2 ** 64],
                                   ['--resume', '--overwrite']])
 def test_bad_options_rejected(args):
     r = recipe(*args, '--dry-run')

@@ -146,6 +146,12 @@ def test_run_stopped_before_its_first_epoch_restarts_with_overwrite(synth, tmp_p
     assert run(S8, RunConfig('s8', overwrite=True, **kw))['epochs'] == 1
 
 
+def test_flag_spells_every_digit():
+    from cifar_fa.train import flag
+    assert [flag('lr', 0.1234567), flag('wd', 1.23456789e-4), flag('dropout', 0.), flag('wd', 5e-4), flag('ws', False)] == [
+        '--lr 0.1234567', '--wd 0.000123456789', '--dropout 0', '--wd 0.0005', '--no-ws']  # the results table's commands
+
+
 def test_overwrite_replaces_only_a_run_folder(synth, tmp_path, monkeypatch):
     kw = dict(epochs=1, bs=16, workers=0, device='cpu', data=str(synth), subset=2, overwrite=True)
     (tmp_path / 'runs' / 's8_bn').mkdir(parents=True)
