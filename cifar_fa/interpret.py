@@ -75,7 +75,7 @@ def review(learn: Learner, out: Path, title: str, k: int = 9, dl: DataLoader | N
 
 
 def flip_tta(learn: Learner, dl: DataLoader | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Test-set probabilities averaged (geometric mean) with those of the mirrored images, and the targets: `learn.tta`."""
+    """Test-set probabilities averaged with those of the mirrored images (their mean), and the targets: `learn.tta`."""
     dl = learn.dls.valid if dl is None else dl  # `or` would ask a DataLoader for its length
     flip = AlbumentationsTransform([A.HorizontalFlip(p=1.)])
     with learn.no_bar():  # tta rebuilds the loader from the transforms given: pass the batch ones on too
