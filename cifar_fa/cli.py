@@ -24,7 +24,7 @@ __all__ = ['parser', 'config_from_args', 'main', 'positive', 'non_negative', 'on
 def _number(kind: type, ok: Callable, need: str) -> Callable[[str], float]:
     def parse(s: str):
         v = kind(s)
-        if not (math.isfinite(v) and ok(v)): raise argparse.ArgumentTypeError(f'must be {need}, got {s}')
+        if (kind is float and not math.isfinite(v)) or not ok(v): raise argparse.ArgumentTypeError(f'must be {need}, got {s}')
         return v
     return parse
 
@@ -59,16 +59,16 @@ def parser(recipe: Recipe) -> argparse.ArgumentParser:
                    help="normalization layer; 'all' trains each in turn and writes a comparison")
     p.add_argument('--data', default=None, help='CIFAR-10 folder (train/, test/) or .tgz of one; default $CIFAR10_DIR, '
                                                "else fastai's untar_data(URLs.CIFAR)")
-    p.add_argument('--epochs', type=positive(int), default=d['epochs'])
+    p.add_argument('--epochs', type=positive(int), default=d['epochs'], help='epochs of the one cycle')
     p.add_argument('--bs', type=positive(int), default=d['bs'], help='batch size')
     p.add_argument('--opt', choices=list(OPTIMIZERS), default=d['opt'], help='optimizer')
     p.add_argument('--lr', type=_lr, default=d['lr'], help="max learning rate of the one cycle, or 'find'")
     p.add_argument('--wd', type=non_negative(float), default=d['wd'], help='weight decay (adam: decoupled; sgd: L2)')
-    p.add_argument('--dropout', type=_fraction, default=d['dropout'])
+    p.add_argument('--dropout', type=_fraction, default=d['dropout'], help='channel dropout (Dropout2d) after every conv block')
     p.add_argument('--ws', action=argparse.BooleanOptionalAction, default=d['ws'],
                    help='weight-standardized convs (zero-mean, unit-variance filters)')
-    p.add_argument('--label-smoothing', type=_fraction, default=d['label_smoothing'])
-    p.add_argument('--seed', type=_seed, default=d['seed'])
+    p.add_argument('--label-smoothing', type=_fraction, default=d['label_smoothing'], help='label smoothing of the loss')
+    p.add_argument('--seed', type=_seed, default=d['seed'], help='seed of every random generator')
     p.add_argument('--workers', type=non_negative(int), default=d['workers'], help='DataLoader workers (default: min(4, CPUs))')
     p.add_argument('--device', default=d['device'], help='auto, cpu or cuda')
     p.add_argument('--spec', default=None, help="the network as a spec string (README: Models are specs) instead of the "

@@ -102,12 +102,13 @@ def _few(paths: Sequence, n: int = 3) -> str:
 
 
 def _rgb(img: Image.Image, name: str | Path) -> np.ndarray:
-    """HWC uint8 RGB pixels of `img`; 16-bit grey (`I;16*`, or `I` holding 0..65535) is scaled to 8 bits, not clipped."""
+    """HWC uint8 RGB pixels of `img`; 16-bit grey is scaled to 8 bits, not clipped."""
     if not img.mode.startswith(('I', 'F')): return np.asarray(img.convert('RGB'))
     a = np.asarray(img)
     if a.dtype.kind == 'f' or not 0 <= a.min() <= a.max() <= 65535:
         raise DataError(f'{name} holds {img.mode}-mode pixels that are not 16-bit integers; save it as an 8- or 16-bit image')
-    return np.stack([(a >> 8).astype(np.uint8)] * 3, axis=-1)
+    if img.mode.startswith('I;16') or a.max() > 255: a = a >> 8  # 32-bit `I` holds 16-bit files (PGM) or 8-bit values
+    return np.stack([a.astype(np.uint8)] * 3, axis=-1)
 
 
 def _decode(files: list[Path], size: int) -> tuple[list[str], list[str], np.ndarray]:

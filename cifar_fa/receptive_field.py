@@ -20,9 +20,9 @@ def rf_table(spec: str, size: int = 32) -> pd.DataFrame:
         rf, n_in, n, jump = rf + (k_eff - 1) * jump, n, n_out, jump * s
         if n_out < 1:
             raise ValueError(f"spec layer {l.name} turns a {n_in}x{n_in} map into {n_out}x{n_out}: drop a pool or stride, or shrink a kernel")
-        if l.kind == 'conv' and k > 1 and d > 1 and d >= n_in:
-            raise ValueError(f"spec layer {l.name}: dilation {d} on a {n_in}x{n_in} map puts every tap but one in the padding, "
-                             f"so the conv sees single pixels; use a dilation below {n_in}")
+        if l.kind == 'conv' and (reach := d * (k - 1) // 2) >= n_in:  # the outer taps only ever read padding
+            raise ValueError(f"spec layer {l.name}: its outer taps reach {reach} pixels from the centre of a {n_in}x{n_in} map, "
+                             f"so they only read padding and inflate the RF; use a kernel or dilation that reaches below {n_in}")
         if l.add and sizes[l.add] != n_out:
             raise ValueError(f"spec layer {l.name} ({n_out}x{n_out}) cannot add {l.add} ({sizes[l.add]}x{sizes[l.add]})")
         sizes[l.name] = n_out

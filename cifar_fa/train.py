@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
 import shutil
 import sys
@@ -120,8 +122,20 @@ def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
         if cfg.spec is None: raise
         raise RunError(f'--spec: {e}') from None
     if not cfg.outside_assignment: recipe.constraints.check(probe, cfg.epochs)
+    n = count_params(probe)  # --outside-assignment skips the budget: the weights may not fit in memory
+    too_big = f"the network's {n:,} parameters do not fit in this machine's memory; narrow some layers"
+    if 4 * n > _memory_bytes(): raise RunError(too_big)
     set_seed(cfg.seed, reproducible=True)
-    return make()
+    try: return make()
+    except (MemoryError, RuntimeError) as e:  # what other processes left free was not enough
+        if isinstance(e, RuntimeError) and 'allocate' not in str(e): raise
+        raise RunError(too_big) from None
+
+
+def _memory_bytes() -> float:
+    """The machine's physical memory (infinite where the OS does not say)."""
+    try: return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (AttributeError, ValueError, OSError): return math.inf
 
 
 def describe(recipe: Recipe, model: SpecNet) -> str:
@@ -152,9 +166,10 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
     return learn
 
 
-# what a run folder may hold: what `run` writes, and logs kept beside it (README: The run folder)
+# what a run folder may hold: the files `run` writes, its checkpoints folder, logs kept beside them, and OS clutter
 RUN_FILES = {'config.json', 'summary.txt', 'history.csv', 'curves.png', 'misclassified.png', 'top_losses.png', 'confusion.png',
-             'metrics.json', 'model.pkl', 'model.pth', 'lr_find.png', 'checkpoints'}
+             'metrics.json', 'model.pkl', 'model.pth', 'lr_find.png'}
+_CLUTTER = {'.DS_Store', 'Thumbs.db', '.ipynb_checkpoints'}
 
 
 def holds_run(out: Path) -> bool:
@@ -162,10 +177,20 @@ def holds_run(out: Path) -> bool:
     return out.is_dir() and any(out.iterdir())
 
 
+def _run_entry(p: Path) -> bool:
+    """Whether `p`, inside a folder, is something a run writes there (or a log or OS clutter beside it)."""
+    if p.name == 'checkpoints' and p.is_dir() and not p.is_symlink():  # EpochCheckpoint's and lr_find's files only
+        return all(c.name.startswith(('last.', '_tmp.')) and c.is_file() for c in p.iterdir())
+    return p.name in _CLUTTER or (p.is_file() and (p.name in RUN_FILES or p.suffix == '.log'))
+
+
 def _check_replaceable(out: Path) -> None:
     """Refuse to let --overwrite delete a folder that is not a run (a parent of runs, a project, the current folder)."""
-    others = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and p.suffix != '.log')
-    if others: why = f"it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
+    entries = list(out.iterdir())
+    others = sorted(p.name for p in entries if not _run_entry(p))
+    if out.is_symlink(): why = 'it is a symbolic link; pass the folder it points to'
+    elif others: why = f"it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
+    elif all(p.suffix == '.log' or p.name in _CLUTTER for p in entries): why = 'it holds only logs'
     elif Path.cwd().resolve().is_relative_to(out.resolve()): why = 'it holds the current folder'
     else: return
     raise RunError(f"{out} is not a run folder ({why}); --overwrite replaces only a run: pass another --out")
@@ -188,7 +213,7 @@ def _prepare_out(cfg: RunConfig, spec: str) -> tuple[Path, dict]:
     if cfg.overwrite and not cfg.resume and holds_run(out):
         _check_replaceable(out)
         try: shutil.rmtree(out)
-        except OSError as e: raise RunError(f"cannot remove {out} ({e.strerror}); remove it yourself or pass another --out") from None
+        except OSError as e: raise RunError(f"cannot remove {out} ({e.strerror or e}); remove it yourself or pass another --out") from None
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise RunError(f"cannot make the run folder {out} ({e.strerror}); pass another --out") from None
     return out, prev

@@ -209,6 +209,7 @@ def test_rgb_array_takes_any_image(tmp_path):
         assert a.shape == (32, 32, 3) and a.dtype == np.uint8
     (tmp_path / 'bad.png').write_bytes(b'nope')
     with pytest.raises(DataError, match='not a readable image'): rgb_array(tmp_path / 'bad.png')
+    assert (rgb_array(Image.fromarray(RAMP.astype(np.int32))) == RAMP[..., None]).all()  # 32-bit values of 8 bits: kept
     big_endian = Image.fromarray((RAMP.astype(np.uint16) * 257).astype('>u2'))
     assert big_endian.mode == 'I;16B' and (rgb_array(big_endian) == RAMP[..., None]).all()
     Image.new('F', (32, 32)).save(tmp_path / 'float.tif')

@@ -1,4 +1,5 @@
 import importlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from fastai.torch_core import set_seed
 
 from cifar_fa import NORMS, ConstraintError, Constraints, ConvBlock, SpecNet, count_params, norm_layer, parse_spec
 from cifar_fa import RunConfig, build_model, layers, train
+from cifar_fa.train import RunError
 from cifar_fa.layers import WSConv2d
 from cifar_fa.callbacks import GroupNormLikeBN  # noqa: F401 (imported to fail early if the module breaks)
 from s7_dilated_separable import RECIPE as S7
@@ -51,9 +53,11 @@ def test_layers_exports():
 def test_build_model_checks_the_budget_before_any_weight_exists(monkeypatch):
     built = []
     monkeypatch.setattr(train, 'SpecNet', lambda *a, **k: built.append(SpecNet(*a, **k)) or built[-1])
-    huge = RunConfig('s7', spec='C1a:8 P1 C2a:8 P2 C3a:8/d2 P3 C4a:8 C4b:65536/dw/k65535 GAP O')  # 3.4e10 weights
+    huge = RunConfig('s7', spec='C1a:8 P1 C2a:8 P2 C3a:8/d2 P3 C4a:65536/dw C4b:65536 GAP O')  # 3.9e10 weights
     with pytest.raises(ConstraintError, match='parameters'): build_model(S7, huge)
     assert len(built) == 1 and next(built[0].parameters()).is_meta
+    with pytest.raises(RunError, match="38,656,148,954 parameters do not fit in this machine's memory"):
+        build_model(S7, replace(huge, outside_assignment=True))
     model = build_model(S8, RunConfig('s8', norm='gn', ws=True))
     set_seed(42, reproducible=True)
     plain = SpecNet(S8.spec, 'gn', ws=True)

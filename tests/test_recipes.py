@@ -182,8 +182,8 @@ def test_bad_input_one_line(args, msg, synth, tmp_path):
 
 
 @pytest.mark.parametrize('args', [['--norm', 'xx'], ['--epochs', 0], ['--bs', -4], ['--lr', 0], ['--lr', 'nan'], ['--lr', 'inf'],
-                                  ['--wd', -1], ['--dropout', 1], ['--label-smoothing', 1.5], ['--workers', -1], ['--seed', -1], ['--seed', 2 ** 64],
-                                  ['--resume', '--overwrite']])
+                                  ['--wd', -1], ['--dropout', 1], ['--label-smoothing', 1.5], ['--workers', -1], ['--seed', -1],
+                                  ['--seed', 2 ** 64], ['--seed', '9' * 400], ['--resume', '--overwrite']])
 def test_bad_options_rejected(args):
     r = recipe(*args, '--dry-run')
     assert r.returncode == 2 and 'Traceback' not in r.stderr and any(f'argument {a}: ' in r.stderr for a in args), r.stderr

@@ -28,11 +28,13 @@ def test_map_shrunk_to_nothing_refused():
     with pytest.raises(ValueError, match='P6 turns a 1x1 map into 0x0'): rf_table('C1:8 P1 P2 P3 P4 P5 P6 GAP O')
 
 
-def test_dilation_past_the_map_refused():
-    rf_table('C1a:16 P1 C2a:16 P2 C3a:16 P3 C4a:16/dw/d3 GAP O')  # 4x4 map: d3 still pairs the edge pixels
-    for d in (4, 40):
-        with pytest.raises(ValueError, match=f'C4a: dilation {d} on a 4x4 map .* below 4'):
-            rf_table(f'C1a:16 P1 C2a:16 P2 C3a:16 P3 C4a:16/dw/d{d} GAP O')
+def test_taps_past_the_map_refused():
+    rf_table('C1a:16 P1 C2a:16 P2 C3a:16 P3 C4a:16/dw/d3 C4b:16/k7 GAP O')  # 4x4 map: d3 and k7 still pair the edge pixels
+    for opts, reach in [('/d4', 4), ('/d40', 40), ('/k5/d3', 6), ('/k9', 4)]:
+        with pytest.raises(ValueError, match=f'C4a: its outer taps reach {reach} pixels from the centre of a 4x4 map'):
+            rf_table(f'C1a:16 P1 C2a:16 P2 C3a:16 P3 C4a:16/dw{opts} GAP O')
+    with pytest.raises(ValueError, match='C2: its outer taps reach 1 pixels from the centre of a 1x1 map'):
+        rf_table('C1:8 P1 P2 P3 P4 P5 C2:8 GAP O')
 
 
 def test_rf_of_gap_on_the_input():

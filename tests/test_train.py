@@ -154,6 +154,11 @@ def test_flag_spells_every_digit():
         '--lr 0.1234567', '--wd 0.000123456789', '--dropout 0', '--wd 0.0005', '--no-ws']  # the results table's commands
 
 
+def _touch(f: Path) -> None:
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.touch()
+
+
 def test_overwrite_replaces_only_a_run_folder(synth, tmp_path, monkeypatch):
     kw = dict(epochs=1, bs=16, workers=0, device='cpu', data=str(synth), subset=2, overwrite=True)
     (tmp_path / 'runs' / 's8_bn').mkdir(parents=True)
@@ -165,8 +170,17 @@ def test_overwrite_replaces_only_a_run_folder(synth, tmp_path, monkeypatch):
     with pytest.raises(RunError, match='it holds the current folder'): run(S8, RunConfig('s8', out='.', **kw))
     assert (tmp_path / 'notes.txt').exists() and (tmp_path / 'runs' / 's8_bn' / 'config.json').read_text() == '{}'
     monkeypatch.chdir(tmp_path)
-    (tmp_path / 'runs' / 's8_bn' / 'train.log').touch()
-    assert run(S8, RunConfig('s8', out='runs/s8_bn', **kw))['epochs'] == 1  # a run folder (logs beside it too) is replaced
+    for name, files, why in [('logs', ['a.log', 'b.log'], 'it holds only logs'),
+                             ('dirlog', ['config.json', 'data.log/keep.csv'], 'it holds data.log'),
+                             ('foreign', ['config.json', 'checkpoints/best.pt'], 'it holds checkpoints')]:
+        for f in files: _touch(tmp_path / name / f)
+        with pytest.raises(RunError, match=f'{name} is not a run folder \\({why}'): run(S8, RunConfig('s8', out=name, **kw))
+        assert all((tmp_path / name / f).exists() for f in files)
+    (tmp_path / 'link').symlink_to(tmp_path / 'runs' / 's8_bn')
+    with pytest.raises(RunError, match='it is a symbolic link'): run(S8, RunConfig('s8', out='link', **kw))
+    for f in ('train.log', '.DS_Store', 'checkpoints/last.pth', 'checkpoints/_tmp.pth'):
+        _touch(tmp_path / 'runs' / 's8_bn' / f)
+    assert run(S8, RunConfig('s8', out='runs/s8_bn', **kw))['epochs'] == 1  # a run folder (logs and clutter beside it) is replaced
 
 
 def test_lr_find_picks_valley_and_saves_plot(synth, tmp_path):
