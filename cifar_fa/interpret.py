@@ -109,8 +109,17 @@ def load_run(run_dir: Path, weights: Path | None = None, data: str | None = None
     run_cfg = RunConfig(**{**{k: v for k, v in cfg.items() if k in known}, 'data': _run_data(cfg, data),
                            'outside_assignment': True})
     learn = build_learner(recipe, run_cfg)
+    metrics = run_dir / 'metrics.json'  # runs made before config.json recorded the classes name them there
+    learned = cfg.get('classes') or (list(json.loads(metrics.read_text())['per_class_accuracy']) if metrics.exists() else None)
+    if learned: _check_classes(learn.dls.path, list(learn.dls.vocab), learned)  # the rebuilt Learner took the data's classes
     learn.load(Path(weights).resolve().with_suffix(''), with_opt=False)
     return learn
+
+
+def _check_classes(root: Path, classes: list[str], learned: list[str]) -> None:
+    if classes != learned:
+        raise DataError(f"{root} holds the classes {', '.join(classes)}, but the run learned {', '.join(learned)}; "
+                        "pass the run's data with --data")
 
 
 def review_run(run_dir: Path, k: int = 16, data: str | None = None, weights: Path | None = None, tta: bool = False) -> dict:
@@ -119,9 +128,7 @@ def review_run(run_dir: Path, k: int = 16, data: str | None = None, weights: Pat
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / 'config.json').read_text())
     learn, root = load_run(run_dir, weights, data), cifar10_path(_run_data(cfg, data))
-    if (classes := check_layout(root)) != list(learn.dls.vocab):
-        raise DataError(f"{root} holds the classes {', '.join(classes)}, but the run learned {', '.join(learn.dls.vocab)}; "
-                        "pass the run's data with --data")
+    _check_classes(root, check_layout(root), list(learn.dls.vocab))
     tests = [f for f in image_files(root) if f.parent.parent.name == 'test']
     dl = learn.dls.test_dl(tests, with_labels=True)
     with learn.no_bar(): metrics = review(learn, run_dir, f"{cfg['recipe']} --norm {cfg['norm']}", k=k, dl=dl)

@@ -262,7 +262,7 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     earlier = prev.get('devices') or ([prev['device_name']] if 'device_name' in prev else [])
     devices = earlier if earlier[-1:] == [name] else [*earlier, name]  # a run resumed elsewhere names each device in turn
     config = dict(asdict(cfg), lr_used=lr, spec=model.spec, augs=[repr(a) for a in recipe.augs], data_path=str(data_path),
-                  device_name=name, devices=devices, versions=_versions(), argv=sys.argv)
+                  classes=list(learn.dls.vocab), device_name=name, devices=devices, versions=_versions(), argv=sys.argv)
     atomic_write(out / 'config.json', json.dumps(config, indent=2))
     summary = describe(recipe, model)
     atomic_write(out / 'summary.txt', f'{summary}\n{learn.summary()}\n')

@@ -257,6 +257,10 @@ def test_review_finds_the_data_or_says_why(trained, synth, tmp_path, monkeypatch
     other = shutil.copytree(synth, tmp_path / 'other')
     for split in ('train', 'test'): (other / split / CLASSES[0]).rename(other / split / 'zebra')
     with pytest.raises(DataError, match='but the run learned class0'): review_run(moved, data=str(other))
+    for recorded in (cfg['classes'], None):  # config.json names the classes; earlier runs' metrics.json does
+        (moved / 'config.json').write_text(json.dumps({**cfg, 'classes': recorded}))
+        with pytest.raises(DataError, match='zebra, but the run learned class0'):  # rebuilt from plain weights and the data
+            load_run(moved, weights=moved / 'model.pth', data=str(other))
 
 
 def test_plain_weights_rebuild_the_runs_network(synth, tmp_path):
