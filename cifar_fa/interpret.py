@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import fields
+from itertools import zip_longest
 from pathlib import Path
 
 import albumentations as A
@@ -44,9 +45,10 @@ def plot_curves(history: pd.DataFrame, title: str) -> matplotlib.figure.Figure:
 
 def plot_misclassified(interp: ClassificationInterpretation, probs: torch.Tensor, targs: torch.Tensor, title: str,
                        n: int = 10) -> matplotlib.figure.Figure:
-    """The first `n` misclassified test images in a 5-wide grid, each with true and predicted label and confidence."""
-    wrong = (probs.argmax(1) != targs).nonzero().flatten()[:n].tolist()
-    vocab = interp.vocab
+    """`n` misclassified test images, taking each true class in turn, in a 5-wide grid with true and predicted label and confidence."""
+    vocab, wrong, true = interp.vocab, (probs.argmax(1) != targs).nonzero().flatten().tolist(), targs.tolist()
+    per_class = [[i for i in wrong if true[i] == c] for c in range(len(vocab))]  # the test set is sorted by class
+    wrong = [i for turn in zip_longest(*per_class) for i in turn if i is not None][:n]
     fig, axs = plt.subplots((n + 4) // 5, 5, figsize=(11, 2.6 * ((n + 4) // 5)))
     for ax, i in zip(axs.flat, wrong):
         img = interp.dl.dataset[i][0]

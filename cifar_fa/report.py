@@ -31,11 +31,9 @@ def load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
 
 def _command(cfg: dict) -> str:
     """The recipe command with every training setting spelled out, so it reproduces the run whatever the defaults."""
-    argv = cfg.get('argv') or []
-    script = Path(argv[0]).name if argv else f"{cfg['recipe']}.py"
+    script, recipe = _recipes().get(cfg['recipe'], (f"{cfg['recipe']}.py", None))  # not argv[0]: a run may start from Python
     hp = {'opt': 'adam', 'ws': False, **cfg}  # runs made before --opt and --ws existed used Adam and plain convs
     flags = [flag(k, hp[k]) for k in RUN_SETTINGS if hp.get(k) is not None]
-    recipe = _recipes().get(cfg['recipe'])
     spec = [f"--spec '{cfg['spec']}'"] if recipe and cfg.get('spec', recipe.spec) != recipe.spec else []
     extra = ['--outside-assignment'] if cfg.get('outside_assignment') else []
     return ' '.join([f'recipes/{script}', *flags, *spec, *extra])
@@ -43,14 +41,14 @@ def _command(cfg: dict) -> str:
 
 @functools.lru_cache
 def _recipes() -> dict:
-    """name -> Recipe of each script in the repository's recipes/ (none where the package is installed without it)."""
-    scripts = (runpy.run_path(str(f)) for f in sorted(RECIPES.glob('*.py')) if 'RECIPE = Recipe(' in f.read_text())
-    return {g['RECIPE'].name: g['RECIPE'] for g in scripts}
+    """name -> (script, Recipe) of each recipe in the repository's recipes/ (none where the package is installed without it)."""
+    scripts = ((f.name, runpy.run_path(str(f))['RECIPE']) for f in sorted(RECIPES.glob('*.py')) if 'RECIPE = Recipe(' in f.read_text())
+    return {recipe.name: (name, recipe) for name, recipe in scripts}
 
 
 def _trial(cfg: dict) -> str:
     """A note when the run's augmentations are not its recipe file's any more, so its command alone does not reproduce it."""
-    recipe = _recipes().get(cfg['recipe'])
+    _, recipe = _recipes().get(cfg['recipe'], (None, None))
     if recipe is None or 'augs' not in cfg or cfg['augs'] == [repr(a) for a in recipe.augs]: return ''
     return " (AUGS not the recipe file's: see its config.json and train.log)"
 
@@ -72,8 +70,8 @@ def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:
     return '\n'.join(lines)
 
 
-def _label(m: dict, cfg: dict) -> str:
-    return f"{m['norm']}{' + ws' if cfg.get('ws') else ''}, bs {cfg['bs']} ({100 * m['test_accuracy']:.2f} %)"
+def _label(d: Path, m: dict, cfg: dict) -> str:
+    return f"{d.name}: {m['norm']}{' + ws' if cfg.get('ws') else ''}, bs {cfg['bs']} ({100 * m['test_accuracy']:.2f} %)"
 
 
 def comparison_figure(run_dirs: list[Path], title: str) -> matplotlib.figure.Figure:
@@ -81,7 +79,7 @@ def comparison_figure(run_dirs: list[Path], title: str) -> matplotlib.figure.Fig
     fig, ax = plt.subplots(figsize=(7, 4))
     for d, m, cfg in load_runs(run_dirs):
         h = pd.read_csv(d / 'history.csv')
-        ax.plot(h.epoch + 1, 100 * h.valid_accuracy, '-o', ms=3, label=_label(m, cfg))
+        ax.plot(h.epoch + 1, 100 * h.valid_accuracy, '-o', ms=3, label=_label(d, m, cfg))
     ax.set(xlabel='epoch', ylabel='test accuracy (%)', title=title)
     ax.grid(alpha=.3)
     ax.legend()
@@ -90,9 +88,11 @@ def comparison_figure(run_dirs: list[Path], title: str) -> matplotlib.figure.Fig
 
 def write_comparison(run_dirs: list[Path], out: Path, title: str) -> str:
     """Write `out`.md (table) and `out`.png (test-accuracy curves); return the table."""
-    table = results_table(run_dirs, Path(out).parent)
-    Path(out).with_suffix('.md').write_text(f'# {title}\n\n{table}\n\n![test accuracy]({Path(out).name}.png)\n')
-    comparison_figure(run_dirs, title).savefig(Path(out).with_suffix('.png'), dpi=110, bbox_inches='tight')
+    name = Path(out).name.removesuffix('.md')  # not with_suffix: 'cmp_lr0.01' keeps its dot
+    md, png = Path(out).with_name(f'{name}.md'), Path(out).with_name(f'{name}.png')
+    table = results_table(run_dirs, md.parent)
+    md.write_text(f'# {title}\n\n{table}\n\n![test accuracy]({png.name})\n')
+    comparison_figure(run_dirs, title).savefig(png, dpi=110, bbox_inches='tight')
     plt.close('all')
     return table
 
@@ -101,7 +101,7 @@ def update_readme(readme: Path, run_dirs: list[Path]) -> None:
     """Replace the table between the results markers in `readme` with one generated from `run_dirs`."""
     text = Path(readme).read_text()
     if BEGIN not in text or END not in text: raise ValueError(f'{readme} has no {BEGIN} ... {END} block')
-    new = re.sub(f'{re.escape(BEGIN)}.*?{re.escape(END)}', lambda _: f'{BEGIN}\n{results_table(run_dirs)}\n{END}',
+    new = re.sub(f'{re.escape(BEGIN)}.*?{re.escape(END)}', lambda _: f'{BEGIN}\n{results_table(run_dirs, Path(readme).parent)}\n{END}',
                  text, flags=re.S)
     Path(readme).write_text(new)
 

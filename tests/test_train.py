@@ -57,6 +57,16 @@ def test_run_folder_complete(trained):
     assert 'receptive field' in summary and 'jump' in summary and f"{m['params']:,}" in summary
 
 
+def test_misclassified_grid_takes_each_true_class_in_turn():
+    from types import SimpleNamespace
+    from cifar_fa.interpret import plot_misclassified
+    targs = torch.arange(3).repeat_interleave(20)  # sorted by class, as the test split is
+    probs = torch.nn.functional.one_hot((targs + 1) % 3, 3).float() * .7 + .1  # every image wrong, confidence 0.8
+    interp = SimpleNamespace(vocab=['cat', 'dog', 'emu'], dl=SimpleNamespace(dataset=[(torch.rand(3, 32, 32), 0)] * 60))
+    titles = [ax.get_title() for ax in plot_misclassified(interp, probs, targs, 'x').axes if ax.get_title()]
+    assert [t.split()[1] for t in titles] == ['cat', 'dog', 'emu'] * 3 + ['cat'] and 'pred: dog (0.80)' in titles[0]
+
+
 def test_export_roundtrip_in_fresh_process(trained, synth):
     _, out = trained
     img = sorted((synth / 'test' / CLASSES[3]).iterdir())[0]
@@ -194,7 +204,7 @@ def test_lr_find_picks_valley_and_saves_plot(synth, tmp_path):
 
 
 def test_readme_table_from_run_folders(trained, tmp_path):
-    from cifar_fa.report import BEGIN, END, comparison_figure
+    from cifar_fa.report import BEGIN, END, comparison_figure, write_comparison
     _, out = trained
     readme = tmp_path / 'README.md'
     readme.write_text(f'# x\n{BEGIN}\nold\n{END}\ntail\n')
@@ -204,7 +214,8 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     text = readme.read_text()
     acc = json.loads((out / 'metrics.json').read_text())['test_accuracy']
     assert 'old' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')
-    assert '--norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 --dropout 0 --no-ws ' in text  # reproducible as is
+    assert '`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 --dropout 0 --no-ws ' in text
+    assert f'[{out.name}]({Path(os.path.relpath(out, tmp_path)).as_posix()}/)' in text  # linked from the README's folder
     assert "not the recipe file's" not in text
     r = subprocess.run([sys.executable, '-m', 'cifar_fa.report', '--readme', str(readme), str(out), str(tmp_path)],
                        capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(ROOT)})
@@ -220,7 +231,9 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     (trial / 'config.json').write_text(json.dumps({**cfg, 'augs': cfg['augs'][:-1]}))
     assert "--seed 42` (AUGS not the recipe file's: see its config.json and train.log)" in results_table([trial])
     fig = comparison_figure([out], 'one run')
-    assert fig.axes[0].get_legend_handles_labels()[1] == [f'bn, bs 16 ({100 * acc:.2f} %)']  # the settings that differ per norm
+    assert fig.axes[0].get_legend_handles_labels()[1] == [f'{out.name}: bn, bs 16 ({100 * acc:.2f} %)']
+    write_comparison([out], tmp_path / 'cmp_lr0.01', 'one run')
+    assert '![test accuracy](cmp_lr0.01.png)' in (tmp_path / 'cmp_lr0.01.md').read_text() and (tmp_path / 'cmp_lr0.01.png').exists()
 
 
 def test_review_script(trained, synth, tmp_path):
