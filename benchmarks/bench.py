@@ -18,18 +18,18 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+# cifar_fa first: it quiets fastai's import and turns off albumentations' update check over the network
+from cifar_fa import RunConfig, build_learner, build_model, cifar10_path, cifar_dls
+from cifar_fa.cli import non_negative, one_line_errors, positive
+from cifar_fa.data import CIFAR_STATS, image_files
+from cifar_fa.train import RunError
 import albumentations as A
+import fastai
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-
-from cifar_fa import RunConfig, build_learner, build_model, cifar10_path, cifar_dls  # before fastai: it quiets fastai's import
-from cifar_fa.cli import non_negative, one_line_errors, positive
-from cifar_fa.data import CIFAR_STATS, image_files
-from cifar_fa.train import RunError
-import fastai
 from fastai.callback.core import Callback, CancelValidException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'recipes'))

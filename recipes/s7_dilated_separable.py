@@ -1,7 +1,7 @@
 """S7: four conv blocks with max-pools between them, dilated and depthwise-separable convs, < 1,000,000 parameters."""
-import albumentations as A
-
+# cifar_fa before albumentations: it turns off the update check albumentations makes over the network on import
 from cifar_fa import Constraints, Recipe, main
+import albumentations as A
 
 # blocks C1..C4 (C2a, C2b, ... belong to block C2); /dw = depthwise-separable, /d2 = dilation 2, +P1 adds P1's output
 SPEC = ('C1a:64 C1b:128 P1 '

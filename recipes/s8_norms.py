@@ -1,7 +1,7 @@
 """S8: one skeleton, three normalizations (bn, gn, ln), < 50,000 parameters, <= 20 epochs."""
-import albumentations as A
-
+# cifar_fa before albumentations: it turns off the update check albumentations makes over the network on import
 from cifar_fa import Constraints, Recipe, main
+import albumentations as A
 
 # C = 3x3 conv, c = 1x1 conv, P = 2x2 max-pool; `C5:24+C3` adds C3's output to C5's ("add one layer to another")
 SPEC = 'C1:16 C2:32 c3:16 P1 C3:24 C4:24 C5:24+C3 c6:16 P2 C7:36 C8:36 C9:36+C7 GAP C10'

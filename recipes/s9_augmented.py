@@ -1,7 +1,7 @@
 """S9: blocks C1 C2 C3 C4 of three convs each, then GAP and a 1x1 conv; < 200,000 parameters; albumentations."""
-import albumentations as A
-
+# cifar_fa before albumentations: it turns off the update check albumentations makes over the network on import
 from cifar_fa import CIFAR_MEAN_RGB, Constraints, Recipe, main
+import albumentations as A
 
 # each block ends by downsampling with a stride-2 conv (/s2) instead of max-pooling; /dw = depthwise-separable,
 # /d2 = dilation 2, +C2a adds C2a's output (a residual connection)
@@ -14,7 +14,7 @@ AUGS = [
     A.HorizontalFlip(),
     A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-15, 15), border_mode=4, strict=True),  # ShiftScaleRotate
     A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16), hole_width_range=(16, 16),
-                    fill=CIFAR_MEAN_RGB, strict=True),  # cutout: one 16x16 hole of the dataset's mean colour
+                    fill=CIFAR_MEAN_RGB, p=0.5, strict=True),  # cutout on half the images: one 16x16 hole of the mean colour
 ]
 
 HPARAMS = dict(norm='bn', epochs=40, bs=128, opt='sgd', lr=0.1, wd=5e-4, label_smoothing=0.1)

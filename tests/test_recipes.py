@@ -259,6 +259,19 @@ def test_norm_defaults_apply_unless_the_option_is_given():
     assert [config_from_args(s8, ['--norm', n]).bs for n in ('bn', 'gn', 'ln')] == [128, 128, 64]  # as published
 
 
+@pytest.mark.parametrize('script', ['s7_dilated_separable', 's8_norms', 's9_augmented', BENCH])
+def test_no_network_call_on_import(script):
+    code = ('import runpy, sys, urllib.request\n'
+            'def refuse(*a, **k): raise SystemExit(f"network call: {a[1:]}")\n'  # albumentations catches Exception only
+            'urllib.request.OpenerDirector.open = refuse\n'
+            'sys.argv = [sys.argv[1], "--help"]\n'
+            'runpy.run_path(sys.argv[0], run_name="__main__")\n')
+    env = {k: v for k, v in os.environ.items() if k != 'NO_ALBUMENTATIONS_UPDATE'}
+    path = script if script == BENCH else ROOT / 'recipes' / f'{script}.py'
+    r = subprocess.run([sys.executable, '-c', code, str(path)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and 'network call' not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize('module,params', [('s7_dilated_separable', '949,642'), ('s9_augmented', '196,106')])
 def test_s7_s9_dry_run(module, params, capsys):
     from cifar_fa import main
