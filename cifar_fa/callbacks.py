@@ -59,16 +59,15 @@ class GroupNormLikeBN(Callback):
 
 
 class FloatLosses(Callback):
-    """Keep the Recorder's per-batch training losses as Python floats when training on the CPU."""
-    # fastai keeps one 0-dim tensor per batch; on the CPU each one's few small C++ allocations land between the
-    # freed activation blocks of glibc's heap and pin them, so a fresh S9 run's heap grew by 0.7-0.95 GB an epoch
-    # until forking the DataLoader workers failed (benchmarks/memory/). On CUDA, `.item()` would wait for the GPU.
+    """Keep the Recorder's per-batch training losses as Python floats."""
+    # fastai keeps one 0-dim CPU tensor per batch (copied there on CUDA too, so `.item()` waits for nothing); each one's
+    # few small C++ allocations land between the freed activation blocks of glibc's heap and pin them, so a fresh S9
+    # run's heap grew by 0.7-0.95 GB an epoch until forking the DataLoader workers failed (benchmarks/memory/)
     order = Recorder.order + 1
 
     def after_batch(self):
         losses = self.recorder.losses
-        if self.training and losses and isinstance(losses[-1], torch.Tensor) and losses[-1].device.type == 'cpu':
-            losses[-1] = losses[-1].item()
+        if self.training and losses and isinstance(losses[-1], torch.Tensor): losses[-1] = losses[-1].item()
 
 
 class DivergedError(RuntimeError):
@@ -120,7 +119,8 @@ def epoch_state(learn) -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = dict(python=[v, list(mt), gauss], numpy=[name, keys.tolist(), pos, has_gauss, cached],
                  torch=torch.get_rng_state().tolist(), dls=[list(dl.rng.getstate()[1]) for dl in learn.dls.loaders])
-    if torch.cuda.is_available(): state['cuda'] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    device = learn.dls.device
+    if device.type == 'cuda': state['cuda'] = torch.cuda.get_rng_state(device).tolist()  # the training GPU's only
     smooth = learn.recorder.smooth_loss
     state['smooth_loss'] = [smooth.count, float(smooth.val)]  # the logged train_loss is a running average across epochs
     return state
@@ -134,8 +134,10 @@ def set_epoch_state(learn, state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state['torch'], dtype=torch.uint8))
     for dl, mt in zip(learn.dls.loaders, state['dls']): dl.rng.setstate((3, tuple(mt), None))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state['cuda']])
+    device, cuda = learn.dls.device, state.get('cuda')
+    if cuda and device.type == 'cuda':  # resumed on a GPU; checkpoints before 2026-12-05 held every visible GPU's state
+        if isinstance(cuda[0], list): cuda = cuda[device.index or 0] if (device.index or 0) < len(cuda) else None
+        if cuda: torch.cuda.set_rng_state(torch.tensor(cuda, dtype=torch.uint8), device)
     smooth = learn.recorder.smooth_loss
     smooth.count, smooth.val = state['smooth_loss'][0], torch.tensor(state['smooth_loss'][1])
 

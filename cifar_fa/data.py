@@ -276,7 +276,7 @@ def cifar_block(augs: Sequence[A.BasicTransform] = (), n_per_class: int | None =
     return DataBlock(blocks=(ArrayImageBlock, CategoryBlock), get_items=_subset_items(n_per_class), get_x=images,
                      splitter=GrandparentSplitter(train_name='train', valid_name='test'), get_y=parent_label,
                      item_tfms=AlbumentationsTransform(augs) if augs else None,
-                     batch_tfms=Normalize.from_stats(*CIFAR_STATS))
+                     batch_tfms=Normalize.from_stats(*CIFAR_STATS, cuda=False))  # moved with the DataLoaders, not to GPU 0
 
 
 class CifarDataLoaders(DataLoaders):

@@ -284,6 +284,15 @@ def test_plain_weights_rebuild_the_runs_network(synth, tmp_path):
     torch.testing.assert_close(rebuilt(x), pickled(x))  # a plain conv with the same weights would load without error
 
 
+def test_a_cpu_run_on_a_gpu_machine_leaves_the_gpus_alone(synth, monkeypatch):
+    from cifar_fa.callbacks import epoch_state, set_epoch_state
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # --device cpu where CUDA is present (none is here)
+    learn = build_learner(S8, RunConfig('s8', bs=16, workers=0, device='cpu', data=str(synth), subset=2))
+    state = epoch_state(learn)
+    assert 'cuda' not in state and learn.dls.after_batch.fs[-1].mean.device.type == 'cpu'
+    set_epoch_state(learn, {**state, 'cuda': [[0] * 16] * 8})  # a checkpoint of an 8-GPU machine, resumed on the CPU
+
+
 def test_sgd_keeps_momentum_and_uses_l2(synth):
     cfg = RunConfig('s8', norm='bn', opt='sgd', lr=0.1, wd=5e-4, bs=16, workers=0, device='cpu', data=str(synth), subset=2)
     learn = build_learner(S8, cfg)
