@@ -237,7 +237,8 @@ def rgb_array(item: Path | str | Image.Image | np.ndarray, size: int = 32) -> np
     try: img = Image.fromarray(item) if isinstance(item, np.ndarray) else item if isinstance(item, Image.Image) else load_image(item)
     except (OSError, SyntaxError, ValueError) as e: raise DataError(f'{item} is not a readable image ({e})') from None
     a = _rgb(img, item if isinstance(item, (str, Path)) else type(item).__name__)
-    if a.shape[:2] != (size, size): a = np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR))  # predict on any image; training data is checked
+    if a.shape[:2] != (size, size):  # predict on any image; training data is checked
+        a = np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR))
     return a
 
 
@@ -295,5 +296,6 @@ def cifar_dls(path: Path, augs: Sequence[A.BasicTransform] = (), bs: int = 128, 
               workers: int | None = None, device=None) -> CifarDataLoaders:
     """Train/test `DataLoaders` for the CIFAR-style folder `path`, reading images from its decoded cache."""
     if workers is None: workers = min(4, os.cpu_count() or 1)
-    dls = cifar_block(augs, n_per_class, DecodedImages(path)).dataloaders(path, path=path, bs=bs, num_workers=workers, device=device)
+    block = cifar_block(augs, n_per_class, DecodedImages(path))
+    dls = block.dataloaders(path, path=path, bs=bs, num_workers=workers, device=device)
     return CifarDataLoaders(*dls.loaders, path=dls.path, device=dls.device)

@@ -42,7 +42,8 @@ def _command(cfg: dict) -> str:
 @functools.lru_cache
 def _recipes() -> dict:
     """name -> (script, Recipe) of each recipe in the repository's recipes/ (none where the package is installed without it)."""
-    scripts = ((f.name, runpy.run_path(str(f))['RECIPE']) for f in sorted(RECIPES.glob('*.py')) if 'RECIPE = Recipe(' in f.read_text())
+    files = [f for f in sorted(RECIPES.glob('*.py')) if 'RECIPE = Recipe(' in f.read_text()]
+    scripts = ((f.name, runpy.run_path(str(f))['RECIPE']) for f in files)
     return {recipe.name: (name, recipe) for name, recipe in scripts}
 
 
@@ -101,8 +102,8 @@ def update_readme(readme: Path, run_dirs: list[Path]) -> None:
     """Replace the table between the results markers in `readme` with one generated from `run_dirs`."""
     text = Path(readme).read_text()
     if BEGIN not in text or END not in text: raise ValueError(f'{readme} has no {BEGIN} ... {END} block')
-    new = re.sub(f'{re.escape(BEGIN)}.*?{re.escape(END)}', lambda _: f'{BEGIN}\n{results_table(run_dirs, Path(readme).parent)}\n{END}',
-                 text, flags=re.S)
+    table = results_table(run_dirs, Path(readme).parent)
+    new = re.sub(f'{re.escape(BEGIN)}.*?{re.escape(END)}', lambda _: f'{BEGIN}\n{table}\n{END}', text, flags=re.S)
     Path(readme).write_text(new)
 
 

@@ -213,7 +213,8 @@ def _prepare_out(cfg: RunConfig, spec: str) -> tuple[Path, dict]:
     if cfg.overwrite and not cfg.resume and holds_run(out):
         _check_replaceable(out)
         try: shutil.rmtree(out)
-        except OSError as e: raise RunError(f"cannot remove {out} ({e.strerror or e}); remove it yourself or pass another --out") from None
+        except OSError as e:
+            raise RunError(f"cannot remove {out} ({e.strerror or e}); remove it yourself or pass another --out") from None
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise RunError(f"cannot make the run folder {out} ({e.strerror}); pass another --out") from None
     return out, prev
