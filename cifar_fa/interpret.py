@@ -49,7 +49,7 @@ def plot_misclassified(interp: ClassificationInterpretation, probs: torch.Tensor
     vocab, wrong, true = interp.vocab, (probs.argmax(1) != targs).nonzero().flatten().tolist(), targs.tolist()
     per_class = [[i for i in wrong if true[i] == c] for c in range(len(vocab))]  # the test set is sorted by class
     wrong = [i for turn in zip_longest(*per_class) for i in turn if i is not None][:n]
-    fig, axs = plt.subplots((n + 4) // 5, 5, figsize=(11, 2.6 * ((n + 4) // 5)))
+    fig, axs = plt.subplots((n + 4) // 5, 5, figsize=(12.5, 2.7 * ((n + 4) // 5)))
     for ax, i in zip(axs.flat, wrong):
         img = interp.dl.dataset[i][0]
         p = int(probs[i].argmax())
