@@ -95,8 +95,8 @@ def flag(name: str, value: object) -> str:
     """The command-line option that sets setting `name` to `value` (`--ws` / `--no-ws` for booleans)."""
     opt = name.replace('_', '-')
     if isinstance(value, bool): return f'--{opt}' if value else f'--no-{opt}'
-    if isinstance(value, float) and float(f'{value:g}') != value: value = repr(value)  # :g keeps 6 digits: a run must reproduce
-    return f'--{opt} {value:g}' if isinstance(value, float) else f'--{opt} {value}'
+    if isinstance(value, float): value = f'{value:g}' if float(f'{value:g}') == value else repr(value)  # :g keeps 6 digits
+    return f'--{opt} {value}'
 
 
 def pick_device(name: str) -> torch.device:
