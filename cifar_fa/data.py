@@ -9,7 +9,7 @@ import shutil
 import tarfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # albumentations otherwise calls the network on import
 
@@ -28,8 +28,8 @@ from fasttransform import ItemTransform
 
 from .callbacks import atomic_write
 
-__all__ = ['DataError', 'CIFAR_STATS', 'CIFAR_MEAN_RGB', 'cifar10_path', 'extract_archive', 'check_layout',
-           'image_files', 'DecodedImages', 'AlbumentationsTransform', 'CifarDataLoaders', 'cifar_block', 'cifar_dls', 'cache_dir']
+__all__ = ['DataError', 'CIFAR_STATS', 'CIFAR_MEAN_RGB', 'KNOWN_COPIES', 'cifar10_path', 'extract_archive', 'check_layout',
+           'image_files', 'data_fingerprint', 'data_name', 'DecodedImages', 'AlbumentationsTransform', 'CifarDataLoaders', 'cifar_block', 'cifar_dls', 'cache_dir']
 
 IMAGE_EXTS = set(image_extensions)
 CIFAR_STATS = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])  # per-channel mean, std of the training split
@@ -125,7 +125,31 @@ def _decode(files: list[Path], size: int) -> tuple[list[str], list[str], np.ndar
     return bad, wrong, np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
 
 
-_SCANS: dict[str, tuple[list[Path], Path]] = {}  # this process's scans: warnings are given once
+class Scan(NamedTuple):
+    """A scanned data folder: its readable images, the .npy of their pixels, and each split's fingerprint."""
+    files: list[Path]
+    npy: Path
+    fingerprint: dict[str, str]
+
+
+_CACHE_FORMAT = 2  # part of the cache key: a cache written in another format is rebuilt, not misread
+_SCANS: dict[str, Scan] = {}  # this process's scans: warnings are given once
+
+# fingerprints (`data_fingerprint`) of the copies the project has measured on, and the names the results table gives them
+KNOWN_COPIES = {
+    ('d640880bb419e4a4', 'fd93333411e26aa8'): 'CIFAR-10',  # the original: ../shared/data/cifar10.tgz, URLs.CIFAR
+    ('4a9405eaf30b3fd3', '99264032ac96c8b6'): 'CIFAR-10 JPEG copy',  # quality 75: ../shared/data/cifar10-jpg.tgz
+}
+
+
+def _fingerprint(files: Sequence[str], pixels: np.ndarray) -> dict[str, str]:
+    """Per split, a hash of its (class, pixels) pairs taken in any order: the same images give the same hash
+    whatever their folder, file names or file format; one changed pixel or label changes it."""
+    digests: dict[str, list[bytes]] = {'train': [], 'test': []}
+    for rel, px in zip(files, pixels):
+        split, label = Path(rel).parts[:2]
+        digests[split].append(hashlib.sha1(label.encode() + b'/' + px.tobytes()).digest())
+    return {s: hashlib.sha256(b''.join(sorted(d))).hexdigest()[:16] for s, d in digests.items()}
 
 
 def _stamp(entry: os.DirEntry) -> tuple[str, int, int]:
@@ -135,11 +159,12 @@ def _stamp(entry: os.DirEntry) -> tuple[str, int, int]:
     return entry.name, st.st_size, st.st_mtime_ns
 
 
-def _scan(root: Path, size: int) -> tuple[list[Path], Path]:
-    """Readable images under `root` and the .npy holding them decoded; cached until a file's name, size or mtime changes."""
+def _scan(root: Path, size: int) -> Scan:
+    """Readable images under `root`, the .npy holding them decoded and their fingerprint; cached until a file's name,
+    size or mtime changes."""
     classes = check_layout(root)
     listing = {root / s / c: sorted(map(_stamp, os.scandir(root / s / c))) for s in ('train', 'test') for c in classes}
-    key = hashlib.sha1(f'{root.resolve()}:{size}:{[(str(d), e) for d, e in listing.items()]}'.encode()).hexdigest()[:16]
+    key = hashlib.sha1(f'{_CACHE_FORMAT}:{root.resolve()}:{size}:{[(str(d), e) for d, e in listing.items()]}'.encode()).hexdigest()[:16]
     if key in _SCANS: return _SCANS[key]
     cache = cache_dir()
     meta, npy = cache / f'images-{key}.json', cache / f'images-{key}.npy'
@@ -155,7 +180,8 @@ def _scan(root: Path, size: int) -> tuple[list[Path], Path]:
         npy.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp := npy.with_suffix(f'.{os.getpid()}.tmp'), 'wb') as fh: np.save(fh, pixels)
         os.replace(tmp, npy)
-        atomic_write(meta, json.dumps(dict(files=good, bad=bad, others=[str(f) for f in others])))
+        atomic_write(meta, json.dumps(dict(files=good, bad=bad, others=[str(f) for f in others],
+                                           fingerprint=_fingerprint(good, pixels))))
     info = json.loads(meta.read_text())
     if info['others']: warnings.warn(f"ignoring {len(info['others'])} non-image files: {_few(info['others'])}")
     if info['bad']: warnings.warn(f"skipping {len(info['bad'])} unreadable images: {_few(info['bad'])}")
@@ -164,20 +190,32 @@ def _scan(root: Path, size: int) -> tuple[list[Path], Path]:
     for f in files: counts[f.parent] += 1
     if empty := [d for d, n in counts.items() if n == 0]:
         raise DataError(f'{_few(empty)} hold no readable images; add some or remove the folder')
-    _SCANS[key] = files, npy
-    return files, npy
+    _SCANS[key] = Scan(files, npy, info['fingerprint'])
+    return _SCANS[key]
 
 
 def image_files(root: Path, size: int = 32) -> list[Path]:
     """Decodable images under `root`/train and `root`/test; unreadable and non-image files are skipped with a warning."""
-    return _scan(root, size)[0]
+    return _scan(root, size).files
+
+
+def data_fingerprint(root: Path, size: int = 32) -> dict[str, str]:
+    """{'train': ..., 'test': ...}: hashes of each full split's labelled pixels, the same for the same images on any
+    machine, under any path or file names (taken before `--subset` picks images)."""
+    return _scan(root, size).fingerprint
+
+
+def data_name(fingerprint: dict[str, str] | None) -> str:
+    """What the results table calls the data with this fingerprint: a known copy's name, else 'other data (...)'."""
+    if not fingerprint: return 'not recorded'
+    return KNOWN_COPIES.get((fingerprint['train'], fingerprint['test']), f"other data ({fingerprint['train'][:8]})")
 
 
 class DecodedImages:
     """`get_x` reading an image file's pixels from the decoded cache of its folder; other items pass through unchanged."""
 
     def __init__(self, root: Path, size: int = 32):
-        files, self.npy = _scan(root, size)
+        files, self.npy, _ = _scan(root, size)
         self.index, self._pixels = {str(f): i for i, f in enumerate(files)}, None
 
     def __call__(self, item):

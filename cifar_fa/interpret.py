@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import fields
 from itertools import zip_longest
 from pathlib import Path
@@ -126,11 +127,15 @@ def _check_classes(root: Path, classes: list[str], learned: list[str]) -> None:
 
 def review_run(run_dir: Path, k: int = 16, data: str | None = None, weights: Path | None = None, tta: bool = False) -> dict:
     """(Re)write the review figures of a finished run on the test split; return its metrics (`tta`: with flip TTA)."""
-    from .data import check_layout, cifar10_path, image_files
+    from .data import check_layout, cifar10_path, data_fingerprint, data_name, image_files
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / 'config.json').read_text())
     learn, root = load_run(run_dir, weights, data), cifar10_path(_run_data(cfg, data))
     _check_classes(root, check_layout(root), list(learn.dls.vocab))
+    trained_on, given = cfg.get('data_fingerprint'), data_fingerprint(root)
+    if trained_on and trained_on['test'] != given['test']:
+        warnings.warn(f"{root}'s test split ({data_name(given)}) is not the one this run was measured on "
+                      f"({cfg['data_name']}): its accuracy here is not the run's published figure")
     tests = [f for f in image_files(root) if f.parent.parent.name == 'test']
     dl = learn.dls.test_dl(tests, with_labels=True)
     with learn.no_bar(): metrics = review(learn, run_dir, f"{cfg['recipe']} --norm {cfg['norm']}", k=k, dl=dl)

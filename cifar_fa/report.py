@@ -13,6 +13,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from .data import data_name
 from .train import RUN_SETTINGS, flag
 
 __all__ = ['load_runs', 'results_table', 'comparison_figure', 'write_comparison', 'update_readme']
@@ -56,7 +57,8 @@ def _trial(cfg: dict) -> str:
 
 def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:
     """Markdown table of the runs (linked relative to `base`): command, params, epochs, accuracies, wall time, device."""
-    lines = ['| run | command | params | epochs | train acc | test acc | wall time | device |', '|---|---|---|---|---|---|---|---|']
+    lines = ['| run | command | data | params | epochs | train acc | test acc | wall time | device |',
+             '|---|---|---|---|---|---|---|---|---|']
     for d, m, cfg in load_runs(run_dirs):
         note = ' (outside the assignment)' if m.get('outside_assignment') else ''
         trial = _trial(cfg)
@@ -65,7 +67,7 @@ def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:
             wall = f"{m['epoch_seconds'] / 60:.1f} min of epochs ({wall} in the resumed invocation)"
         subset = f", {m['subset']} train images/class" if m.get('subset') else ''
         tta = f" (flip TTA: {100 * m['flip_tta_test_accuracy']:.2f} %)" if 'flip_tta_test_accuracy' in m else ''
-        lines.append(f"| [{d.name}]({Path(os.path.relpath(d, base)).as_posix()}/) | `{_command(cfg)}`{trial} | {m['params']:,} | {m['epochs']}{subset}{note} | "
+        lines.append(f"| [{d.name}]({Path(os.path.relpath(d, base)).as_posix()}/) | `{_command(cfg)}`{trial} | {data_name(m.get('data_fingerprint'))} | {m['params']:,} | {m['epochs']}{subset}{note} | "
                      f"{100 * m['train_accuracy']:.2f} % | **{100 * m['test_accuracy']:.2f} %**{tta} | "
                      f"{wall} | {m['device']} |")
     return '\n'.join(lines)

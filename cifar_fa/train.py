@@ -29,7 +29,7 @@ from fastai.torch_core import set_seed
 from .callbacks import (EpochCheckpoint, EpochState, FloatLosses, GroupNormLikeBN, PlainProgress, ResumableCSVLogger, StopOnNaN,
                         atomic_write, last_epoch)
 from .constraints import Constraints
-from .data import DataError, cifar10_path, cifar_dls
+from .data import DataError, cifar10_path, cifar_dls, data_fingerprint, data_name
 from .interpret import flip_tta_accuracy, plot_curves, review
 from .models import SpecNet, count_params
 from .receptive_field import rf_table, total_rf
@@ -196,7 +196,7 @@ def _check_replaceable(out: Path) -> None:
     raise RunError(f"{out} is not a run folder ({why}); --overwrite replaces only a run: pass another --out")
 
 
-def _prepare_out(cfg: RunConfig, spec: str) -> tuple[Path, dict]:
+def _prepare_out(cfg: RunConfig, spec: str, fingerprint: dict) -> tuple[Path, dict]:
     """The run folder, checked and made, and on --resume the config.json of the run it continues."""
     out = Path(cfg.out or f'runs/{cfg.recipe}_{cfg.norm}')
     if out.exists() and not out.is_dir(): raise RunError(f"{out} is a file, not a run folder; pass another --out")
@@ -207,6 +207,9 @@ def _prepare_out(cfg: RunConfig, spec: str) -> tuple[Path, dict]:
     prev = json.loads((out / 'config.json').read_text()) if cfg.resume else {}
     if prev.get('spec', spec) != spec:
         raise RunError(f"{out} holds a run of another network ({prev['spec']}); resume it with that --spec")
+    if prev.get('data_fingerprint', fingerprint) != fingerprint:
+        raise RunError(f"{out} was trained on {prev['data_name']} ({prev['data_path']}), not on the data given "
+                       f"({data_name(fingerprint)}); resume it with its own data")
     if changed := [k for k in RUN_SETTINGS if k in prev and prev[k] != getattr(cfg, k)]:
         was = ', '.join(flag(k, prev[k]) if prev[k] is not None else f"no --{k.replace('_', '-')}" for k in changed)
         raise RunError(f"{out} was trained with {was}; resume it with the same settings, or start a new run in another --out")
@@ -240,7 +243,9 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     model = build_model(recipe, cfg)
     data_path = cifar10_path(cfg.data)
     learn = build_learner(recipe, cfg, model=model, data_path=data_path)  # bad data, device or head fail before any output
-    out, prev = _prepare_out(cfg, model.spec)
+    fingerprint = data_fingerprint(data_path)
+    data = dict(data_path=str(data_path), data_fingerprint=fingerprint, data_name=data_name(fingerprint))
+    out, prev = _prepare_out(cfg, model.spec, fingerprint)
     if cfg.resume and (out / 'metrics.json').exists():  # finished: nothing to train, nothing to rewrite
         print(f'{out} is a finished run; nothing to resume')
         return json.loads((out / 'metrics.json').read_text())
@@ -262,7 +267,7 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     name = _device_name(device)
     earlier = prev.get('devices') or ([prev['device_name']] if 'device_name' in prev else [])
     devices = earlier if earlier[-1:] == [name] else [*earlier, name]  # a run resumed elsewhere names each device in turn
-    config = dict(asdict(cfg), lr_used=lr, spec=model.spec, augs=[repr(a) for a in recipe.augs], data_path=str(data_path),
+    config = dict(asdict(cfg), lr_used=lr, spec=model.spec, augs=[repr(a) for a in recipe.augs], **data,
                   classes=list(learn.dls.vocab), device_name=name, devices=devices, versions=_versions(), argv=sys.argv)
     atomic_write(out / 'config.json', json.dumps(config, indent=2))
     summary = describe(recipe, model)
@@ -277,7 +282,8 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
     metrics = dict(recipe=recipe.name, norm=cfg.norm, params=count_params(model), rf=total_rf(model.spec),
                    epochs=int(history.epoch.iloc[-1]) + 1, train_accuracy=float(history.train_accuracy.iloc[-1]),
                    **review(learn, out, title), epoch_seconds=int(_seconds(history.time).sum()), device=', then '.join(devices),
-                   data=str(data_path), subset=cfg.subset, outside_assignment=cfg.outside_assignment)
+                   data=str(data_path), data_fingerprint=data['data_fingerprint'], data_name=data['data_name'],
+                   subset=cfg.subset, outside_assignment=cfg.outside_assignment)
     if recipe.tta: metrics['flip_tta_test_accuracy'] = flip_tta_accuracy(learn)
     learn.export('model.pkl')
     learn.save((out / 'model').resolve(), with_opt=False)  # plain weights: loading them runs no code

@@ -1,6 +1,7 @@
 """Review a finished run folder: rewrite its review figures on the test split, or predict one image."""
 import argparse
 import sys
+import warnings
 
 from cifar_fa.cli import one_line_errors, positive
 from cifar_fa.interpret import load_run, predict_image, review_run
@@ -14,6 +15,7 @@ p.add_argument('--tta', action='store_true', help='also print the test accuracy 
 p.add_argument('--image', help='predict this one image and print the top-3 classes instead')
 p.add_argument('--weights', help='a .pth of plain weights (e.g. RUN_DIR/checkpoints/last.pth) to load instead of model.pkl')
 args = p.parse_args()
+warnings.formatwarning = lambda msg, *_, **__: f'warning: {msg}\n'  # one line, not the source line
 try:
     with one_line_errors():
         if args.image:

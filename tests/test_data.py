@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from cifar_fa import DataError, cifar10_path, cifar_dls
-from cifar_fa.data import AlbumentationsTransform
+from cifar_fa.data import KNOWN_COPIES, AlbumentationsTransform, data_fingerprint, data_name
 from conftest import CLASSES, write_synthetic
 
 
@@ -214,3 +214,56 @@ def test_rgb_array_takes_any_image(tmp_path):
     assert big_endian.mode == 'I;16B' and (rgb_array(big_endian) == RAMP[..., None]).all()
     Image.new('F', (32, 32)).save(tmp_path / 'float.tif')
     with pytest.raises(DataError, match='float.tif holds F-mode pixels that are not 16-bit'): rgb_array(tmp_path / 'float.tif')
+
+
+def _fastai_layout(src, dest):
+    """`src` as fastai's URLs.CIFAR archive lays it out: `<index>_<class>.png` in class folders, labels.txt at the top."""
+    for split in ('train', 'test'):
+        for i, f in enumerate(sorted((src / split).glob('*/*.png'))):
+            (dest / split / f.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dest / split / f.parent.name / f'{i}_{f.parent.name}.png')
+    (dest / 'labels.txt').write_text('\n'.join(CLASSES) + '\n')
+    return dest
+
+
+def test_fastai_layout_with_labels_txt(synth, tmp_path):
+    arc = _tgz(_fastai_layout(synth, tmp_path / 'fastai'), tmp_path / 'cifar10.tgz')
+    root = cifar10_path(arc)
+    assert (root / 'labels.txt').is_file()
+    dls = cifar_dls(root, bs=8, workers=0)
+    assert list(dls.vocab) == CLASSES and len(dls.valid_ds) == 40  # labels.txt is neither a class nor an image
+    x, y = dls.valid_ds[0]
+    assert dls.vocab[y] == CLASSES[0] and x.shape == (32, 32, 3)
+
+
+def test_fingerprint_names_the_images_not_the_files(synth, tmp_path):
+    fp = data_fingerprint(synth)
+    assert set(fp) == {'train', 'test'} and fp['train'] != fp['test']
+    renamed = _fastai_layout(synth, tmp_path / 'renamed')  # other folder, other file names, labels.txt beside
+    assert data_fingerprint(renamed) == fp
+    as_bmp = shutil.copytree(synth, tmp_path / 'bmp')  # another lossless format: the same pixels
+    for f in as_bmp.glob('*/*/*.png'): Image.open(f).save(f.with_suffix('.bmp')); f.unlink()
+    assert data_fingerprint(as_bmp) == fp
+    pixel = shutil.copytree(synth, tmp_path / 'pixel')
+    f = sorted((pixel / 'test' / CLASSES[3]).iterdir())[0]
+    a = np.asarray(Image.open(f)).copy(); a[0, 0, 0] ^= 1
+    Image.fromarray(a).save(f)
+    changed = data_fingerprint(pixel)
+    assert changed['train'] == fp['train'] and changed['test'] != fp['test']
+    label = shutil.copytree(synth, tmp_path / 'label')
+    f = sorted((label / 'train' / CLASSES[1]).iterdir())[0]
+    f.rename(label / 'train' / CLASSES[2] / 'moved.png')
+    assert data_fingerprint(label)['train'] != fp['train'] and data_fingerprint(label)['test'] == fp['test']
+
+
+def test_data_names():
+    assert sorted(KNOWN_COPIES.values()) == ['CIFAR-10', 'CIFAR-10 JPEG copy']
+    original = next(k for k, v in KNOWN_COPIES.items() if v == 'CIFAR-10')
+    assert data_name(dict(train=original[0], test=original[1])) == 'CIFAR-10'
+    assert data_name(dict(train='0123456789abcdef', test=original[1])) == 'other data (01234567)'
+    assert data_name(None) == 'not recorded'
+
+
+@pytest.mark.skipif(not os.environ.get('CIFAR10_DIR'), reason='needs the real CIFAR-10 (set CIFAR10_DIR)')
+def test_real_data_is_a_known_copy():
+    assert data_name(data_fingerprint(cifar10_path())) in KNOWN_COPIES.values()

@@ -15,7 +15,7 @@ from fastai.learner import load_learner
 from PIL import Image
 
 from cifar_fa import RunConfig, build_learner, run
-from cifar_fa.data import DataError
+from cifar_fa.data import DataError, data_fingerprint
 from cifar_fa.interpret import load_run, review_run
 from cifar_fa.report import results_table
 from cifar_fa.train import RunError
@@ -53,6 +53,8 @@ def test_run_folder_complete(trained):
     assert 0 <= m['flip_tta_test_accuracy'] <= 1  # recipes with tta=True report it beside the plain accuracy
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['norm'] == 'bn' and cfg['seed'] == 42 and 'torch' in cfg['versions']
+    fp = data_fingerprint(Path(cfg['data_path']))  # of the full splits: the same with --subset
+    assert m['data_fingerprint'] == cfg['data_fingerprint'] == fp and m['data_name'] == f"other data ({fp['train'][:8]})"
     summary = (out / 'summary.txt').read_text()
     assert 'receptive field' in summary and 'jump' in summary and f"{m['params']:,}" in summary
 
@@ -122,6 +124,10 @@ def test_interrupted_run_resumes_to_the_same_history(synth, tmp_path, monkeypatc
     h_full, h_cut = (pd.read_csv(tmp_path / d / 'history.csv') for d in ('full', 'cut'))
     assert h_cut.epoch.tolist() == [0, 1, 2, 3] and resumed['epochs'] == full['epochs'] == 4
     pd.testing.assert_frame_equal(h_full.drop(columns='time'), h_cut.drop(columns='time'))  # RNG states were restored
+    other = shutil.copytree(synth, tmp_path / 'other')
+    next((other / 'test' / CLASSES[0]).iterdir()).unlink()
+    with pytest.raises(RunError, match=r"was trained on other data \(.*\), not on the data given \(other data"):
+        run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **{**kw, 'data': str(other)}))
     row = results_table([tmp_path / 'cut']).splitlines()[-1]
     assert resumed['resumed'] and f"{resumed['epoch_seconds'] / 60:.1f} min of epochs (" in row and 'resumed invocation' in row
 
@@ -214,6 +220,7 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     text = readme.read_text()
     acc = json.loads((out / 'metrics.json').read_text())['test_accuracy']
     assert 'old' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')
+    assert '| data |' in text and f"` | other data ({json.loads((out / 'metrics.json').read_text())['data_fingerprint']['train'][:8]}) |" in text
     assert '`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 --dropout 0 --no-ws ' in text
     assert f'[{out.name}]({Path(os.path.relpath(out, tmp_path)).as_posix()}/)' in text  # linked from the README's folder
     assert "not the recipe file's" not in text
@@ -253,6 +260,10 @@ def test_review_script(trained, synth, tmp_path):
         assert r.returncode == 0, r.stderr
         rows = [l.split() for l in r.stdout.strip().splitlines()]
         assert len(rows) == 3 and all(c in CLASSES and 0 <= float(p) <= 1 for c, p in rows)
+    fewer = shutil.copytree(synth, tmp_path / 'fewer')
+    next((fewer / 'test' / CLASSES[0]).iterdir()).unlink()
+    r = subprocess.run([*review, '--k', '4', '--data', str(fewer)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stderr.startswith('warning: ') and 'is not the one this run was measured on' in r.stderr, r.stderr
     r = subprocess.run([*review, '--k', '0'], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and 'argument --k: must be positive' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     r = subprocess.run([*review[:2], str(tmp_path)], capture_output=True, text=True, env=env)  # not a run folder
@@ -270,6 +281,10 @@ def test_review_finds_the_data_or_says_why(trained, synth, tmp_path, monkeypatch
     other = shutil.copytree(synth, tmp_path / 'other')
     for split in ('train', 'test'): (other / split / CLASSES[0]).rename(other / split / 'zebra')
     with pytest.raises(DataError, match='but the run learned class0'): review_run(moved, data=str(other))
+    fewer = shutil.copytree(synth, tmp_path / 'fewer')
+    next((fewer / 'test' / CLASSES[0]).iterdir()).unlink()
+    with pytest.warns(UserWarning, match="'s test split .* is not the one this run was measured on"):
+        review_run(moved, k=4, data=str(fewer), weights=moved / 'model.pth')  # model.pkl: fastai warns of pickle
     for recorded in (cfg['classes'], None):  # config.json names the classes; earlier runs' metrics.json does
         (moved / 'config.json').write_text(json.dumps({**cfg, 'classes': recorded}))
         with pytest.raises(DataError, match='zebra, but the run learned class0'):  # rebuilt from plain weights and the data
