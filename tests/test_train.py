@@ -334,8 +334,11 @@ def test_recorder_keeps_cpu_training_losses_as_floats(synth):
 
 
 @pytest.mark.parametrize('run_dir', sorted(p.parent.name for p in (ROOT / 'results').glob('*/model.pkl')))
-def test_committed_learner_loads_with_its_weights(run_dir):
+def test_committed_learner_loads(run_dir):
     learn = load_learner(ROOT / 'results' / run_dir / 'model.pkl')  # breaks when a pickled library class is renamed
-    weights = torch.load(ROOT / 'results' / run_dir / 'model.pth', map_location='cpu')
-    assert weights.keys() == learn.model.state_dict().keys()
-    assert all(torch.equal(v, weights[k]) for k, v in learn.model.state_dict().items())
+    m = json.loads((ROOT / 'results' / run_dir / 'metrics.json').read_text())
+    assert sum(p.numel() for p in learn.model.parameters()) == m['params'] and list(learn.dls.vocab) == list(m['per_class_accuracy'])
+    if (ROOT / 'results' / run_dir / 'model.pth').exists():  # the one --weights example: the same weights as model.pkl
+        weights = torch.load(ROOT / 'results' / run_dir / 'model.pth', map_location='cpu')
+        assert weights.keys() == learn.model.state_dict().keys()
+        assert all(torch.equal(v, weights[k]) for k, v in learn.model.state_dict().items())
