@@ -12,29 +12,28 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Sequence
 
-# cifar_fa first: it quiets fastai's import and turns off albumentations' update check over the network
-from cifar_fa import RunConfig, build_learner, build_model, cifar10_path, cifar_dls
-from cifar_fa.cli import non_negative, one_line_errors, positive
-from cifar_fa.data import CIFAR_STATS, image_files
-from cifar_fa.train import RunError
-import albumentations as A
 import fastai
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastai.callback.core import Callback, CancelValidException
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from fastai.callback.core import Callback, CancelValidException
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'recipes'))
-from s8_norms import RECIPE  # noqa: E402
+# cifar_fa first: it quiets fastai's import and turns off albumentations' update check over the network
+from cifar_fa import RunConfig, build_learner, build_model, cifar10_path, cifar_dls
+from cifar_fa.augment import A
+from cifar_fa.cli import non_negative, one_line_errors, positive
+from cifar_fa.data import CIFAR_STATS, image_files
+from cifar_fa.registry import get_recipe
+from cifar_fa.train import RunError
 
+RECIPE = get_recipe('s8')
 
 class PlainCifar(Dataset):
     """What a PyTorch user writes: open each file with PIL, albumentations, a normalized tensor."""

@@ -6,6 +6,7 @@ import errno
 import math
 import signal
 import sys
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
@@ -47,9 +48,14 @@ def _lr(s: str) -> float | str:
     return s if s == 'find' else positive(float)(s)
 
 
-def parser(recipe: Recipe) -> argparse.ArgumentParser:
-    """Argument parser for `recipe`; defaults shown are the recipe's own for its default norm."""
-    d = {**{f.name: f.default for f in fields(RunConfig)}, **recipe.defaults}
+def _default_norm(recipe: Recipe) -> str:
+    return recipe.defaults.get('norm', RunConfig.norm)
+
+
+def parser(recipe: Recipe, given_only: bool = False) -> argparse.ArgumentParser:
+    """Argument parser for `recipe`; defaults shown are the recipe's own for its default norm (`given_only`: no
+    defaults, so that a parsed namespace holds the options given and nothing else)."""
+    d = defaultdict(lambda: argparse.SUPPRESS) if given_only else {**recipe.settings(_default_norm(recipe)), 'dry_run': False}
     per_norm = '; '.join(f"--norm {n}: " + ' '.join(flag(k, v) for k, v in kw.items())
                          for n, kw in recipe.norm_defaults.items())
     p = argparse.ArgumentParser(description=f'Train the {recipe.name} recipe on CIFAR-10 and write a run folder.',
@@ -57,7 +63,7 @@ def parser(recipe: Recipe) -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--norm', choices=[*NORMS, 'all'], default=d['norm'],
                    help="normalization layer; 'all' trains each in turn and writes a comparison")
-    p.add_argument('--data', default=None, help='CIFAR-10 folder (train/, test/) or .tgz of one; default $CIFAR10_DIR, '
+    p.add_argument('--data', default=d['data'], help='CIFAR-10 folder (train/, test/) or .tgz of one; default $CIFAR10_DIR, '
                                                "else fastai's untar_data(URLs.CIFAR)")
     p.add_argument('--epochs', type=positive(int), default=d['epochs'], help='epochs of the one cycle')
     p.add_argument('--bs', type=positive(int), default=d['bs'], help='batch size')
@@ -71,29 +77,27 @@ def parser(recipe: Recipe) -> argparse.ArgumentParser:
     p.add_argument('--seed', type=_seed, default=d['seed'], help='seed of every random generator')
     p.add_argument('--workers', type=non_negative(int), default=d['workers'], help='DataLoader workers (default: min(4, CPUs))')
     p.add_argument('--device', default=d['device'], help='auto, cpu or cuda')
-    p.add_argument('--spec', default=None, help="the network as a spec string (README: Models are specs) instead of the "
+    p.add_argument('--spec', default=d['spec'], help="the network as a spec string (README: Models are specs) instead of the "
                                                "recipe's SPEC; the assignment's constraints still apply")
-    p.add_argument('--subset', type=positive(int), default=None, help='use N training images per class (quick looks)')
-    p.add_argument('--out', default=None, help="run folder (default runs/<recipe>_<norm>); with --norm all, the folder "
+    p.add_argument('--subset', type=positive(int), default=d['subset'], help='use N training images per class (quick looks)')
+    p.add_argument('--out', default=d['out'], help="run folder (default runs/<recipe>_<norm>); with --norm all, the folder "
                                               "that holds one per norm and the comparison (default runs)")
     keep = p.add_mutually_exclusive_group()
-    keep.add_argument('--resume', action='store_true', help="continue the run in --out from its last checkpoint")
-    keep.add_argument('--overwrite', action='store_true', help='replace an existing run folder')
-    p.add_argument('--outside-assignment', action='store_true',
+    keep.add_argument('--resume', action='store_true', default=d['resume'], help="continue the run in --out from its last checkpoint")
+    keep.add_argument('--overwrite', action='store_true', default=d['overwrite'], help='replace an existing run folder')
+    p.add_argument('--outside-assignment', action='store_true', default=d['outside_assignment'],
                    help="skip the assignment's constraint checks (the run's metrics say so)")
-    p.add_argument('--dry-run', action='store_true', help='build and check the model, print its summary, load no data')
+    p.add_argument('--dry-run', action='store_true', default=d['dry_run'], help='build and check the model, print its summary, load no data')
     return p
 
 
 def config_from_args(recipe: Recipe, argv: list[str] | None = None, **overrides) -> RunConfig:
     """A `RunConfig` from command-line arguments: an option given wins, then the norm's own defaults, then the recipe's."""
-    p = parser(recipe)
-    args = p.parse_args(argv)
-    for a in p._actions: a.default = argparse.SUPPRESS
-    given = vars(p.parse_args(argv))
-    kw = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
-    kw.update({k: v for k, v in recipe.norm_defaults.get(overrides.get('norm', args.norm), {}).items() if k not in given})
-    return RunConfig(**{**kw, 'recipe': recipe.name, **overrides})
+    given = vars(parser(recipe, given_only=True).parse_args(argv))
+    norm = overrides.get('norm', given.get('norm', _default_norm(recipe)))
+    known = {f.name for f in fields(RunConfig)}
+    return RunConfig(**{**recipe.settings(norm), **{k: v for k, v in given.items() if k in known}, 'recipe': recipe.name,
+                        **overrides})
 
 
 _RESUME_HINT = 'finished epochs are checkpointed; run the same command with --resume to continue'
@@ -162,7 +166,7 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
                 for cfg, model in zip(cfgs, models):
                     print(model, '\n', describe(recipe, model), _constraints_line(recipe, cfg, model), sep='')
                 return None
-            results = [run(recipe, cfg) for cfg in cfgs]
+            results = [run(recipe, cfg, model) for cfg, model in zip(cfgs, models)]
     except (MemoryError, OSError) as e:
         if isinstance(e, OSError) and e.errno != errno.ENOMEM: raise
         # e.g. forking the DataLoader workers when the process's memory outgrew the machine's (README: memory notes)
@@ -173,7 +177,9 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
         print(f'\ninterrupted: {_RESUME_HINT}', file=sys.stderr)
         sys.exit(130)
     if parent:
-        from .report import write_comparison  # here: `python -m cifar_fa.report` warns if importing cifar_fa already did
+        from .report import (
+            write_comparison,  # here: `python -m cifar_fa.report` warns if importing cifar_fa already did
+        )
         print(write_comparison([Path(c.out) for c in cfgs], parent / f'{recipe.name}_comparison',
                                f'{recipe.name}: {", ".join(norms)} compared'))
     return results[-1]

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .models import LayerSpec, SpecNet, count_params, parse_spec
+from .models import SpecNet, count_params
 from .receptive_field import total_rf
+from .spec import LayerSpec, parse_spec
 
 __all__ = ['Constraints', 'ConstraintError']
 

@@ -11,11 +11,7 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # albumentations otherwise calls the network on import
-
-import albumentations as A
 import numpy as np
-from PIL import Image
 import torch
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders, TfmdDL
@@ -25,7 +21,9 @@ from fastai.torch_core import TensorImage
 from fastai.vision.augment import Normalize
 from fastai.vision.core import load_image
 from fasttransform import ItemTransform
+from PIL import Image
 
+from .augment import A
 from .callbacks import atomic_write
 
 __all__ = ['DataError', 'CIFAR_STATS', 'CIFAR_MEAN_RGB', 'KNOWN_COPIES', 'cifar10_path', 'extract_archive', 'check_layout',
@@ -183,8 +181,8 @@ def _scan(root: Path, size: int) -> Scan:
         atomic_write(meta, json.dumps(dict(files=good, bad=bad, others=[str(f) for f in others],
                                            fingerprint=_fingerprint(good, pixels))))
     info = json.loads(meta.read_text())
-    if info['others']: warnings.warn(f"ignoring {len(info['others'])} non-image files: {_few(info['others'])}")
-    if info['bad']: warnings.warn(f"skipping {len(info['bad'])} unreadable images: {_few(info['bad'])}")
+    if info['others']: warnings.warn(f"ignoring {len(info['others'])} non-image files: {_few(info['others'])}", stacklevel=3)
+    if info['bad']: warnings.warn(f"skipping {len(info['bad'])} unreadable images: {_few(info['bad'])}", stacklevel=3)
     files = [root / f for f in info['files']]
     counts = {d: 0 for d in listing}
     for f in files: counts[f.parent] += 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .models import parse_spec
+from .spec import parse_spec
 
 __all__ = ['rf_table', 'total_rf', 'RF_COLUMNS']
 

@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import re
-import runpy
 from pathlib import Path
 
 import matplotlib
@@ -14,12 +13,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .data import data_name
+from .registry import get_recipe, list_recipes, recipe_script
 from .train import RUN_SETTINGS, flag
 
 __all__ = ['load_runs', 'results_table', 'comparison_figure', 'write_comparison', 'update_readme']
 
 BEGIN, END = '<!-- results:begin -->', '<!-- results:end -->'
-RECIPES = Path(__file__).resolve().parents[1] / 'recipes'
 
 
 def load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
@@ -30,22 +29,23 @@ def load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
             for d in run_dirs]
 
 
-def _command(cfg: dict) -> str:
-    """The recipe command with every training setting spelled out, so it reproduces the run whatever the defaults."""
-    script, recipe = _recipes().get(cfg['recipe'], (f"{cfg['recipe']}.py", None))  # not argv[0]: a run may start from Python
-    hp = {'opt': 'adam', 'ws': False, **cfg}  # runs made before --opt and --ws existed used Adam and plain convs
-    flags = [flag(k, hp[k]) for k in RUN_SETTINGS if hp.get(k) is not None]
-    spec = [f"--spec '{cfg['spec']}'"] if recipe and cfg.get('spec', recipe.spec) != recipe.spec else []
+def _command(cfg: dict, full: bool = True) -> str:
+    """The recipe command that reproduces the run: every training setting spelled out (`full`, whatever the defaults
+    become), or only the norm and the settings that differ from the recipe file's defaults."""
+    # the registry's script, not argv[0]: a run may start from Python
+    script, recipe = _recipes().get(cfg['recipe'], (f"recipes/{cfg['recipe']}.py", None))
+    defaults = {} if full or recipe is None else recipe.settings(cfg['norm'])
+    flags = [flag(k, cfg[k]) for k in RUN_SETTINGS
+             if cfg.get(k) is not None and (k == 'norm' or k not in defaults or defaults[k] != cfg[k])]
+    spec = [f"--spec '{cfg['spec']}'"] if recipe and cfg['spec'] != recipe.spec else []
     extra = ['--outside-assignment'] if cfg.get('outside_assignment') else []
-    return ' '.join([f'recipes/{script}', *flags, *spec, *extra])
+    return ' '.join([script, *flags, *spec, *extra])
 
 
-@functools.lru_cache
+@functools.cache
 def _recipes() -> dict:
-    """name -> (script, Recipe) of each recipe in the repository's recipes/ (none where the package is installed without it)."""
-    files = [f for f in sorted(RECIPES.glob('*.py')) if 'RECIPE = Recipe(' in f.read_text()]
-    scripts = ((f.name, runpy.run_path(str(f))['RECIPE']) for f in files)
-    return {recipe.name: (name, recipe) for name, recipe in scripts}
+    """name -> (script, Recipe) of each installed recipe."""
+    return {name: (recipe_script(name), get_recipe(name)) for name in list_recipes()}
 
 
 def _trial(cfg: dict) -> str:
@@ -55,8 +55,9 @@ def _trial(cfg: dict) -> str:
     return " (AUGS not the recipe file's: see its config.json and train.log)"
 
 
-def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:
-    """Markdown table of the runs (linked relative to `base`): command, params, epochs, accuracies, wall time, device."""
+def results_table(run_dirs: list[Path], base: Path = Path('.'), full_commands: bool = True) -> str:
+    """Markdown table of the runs (linked relative to `base`): command (`full_commands`: every setting spelled out, else
+    those that differ from the recipe's defaults), data, params, epochs, accuracies, wall time, device."""
     lines = ['| run | command | data | params | epochs | train acc | test acc | wall time | device |',
              '|---|---|---|---|---|---|---|---|---|']
     for d, m, cfg in load_runs(run_dirs):
@@ -67,7 +68,7 @@ def results_table(run_dirs: list[Path], base: Path = Path('.')) -> str:
             wall = f"{m['epoch_seconds'] / 60:.1f} min of epochs ({wall} in the resumed invocation)"
         subset = f", {m['subset']} train images/class" if m.get('subset') else ''
         tta = f" (flip TTA: {100 * m['flip_tta_test_accuracy']:.2f} %)" if 'flip_tta_test_accuracy' in m else ''
-        lines.append(f"| [{d.name}]({Path(os.path.relpath(d, base)).as_posix()}/) | `{_command(cfg)}`{trial} | {data_name(m.get('data_fingerprint'))} | {m['params']:,} | {m['epochs']}{subset}{note} | "
+        lines.append(f"| [{d.name}]({Path(os.path.relpath(d, base)).as_posix()}/) | `{_command(cfg, full_commands)}`{trial} | {data_name(m.get('data_fingerprint'))} | {m['params']:,} | {m['epochs']}{subset}{note} | "
                      f"{100 * m['train_accuracy']:.2f} % | **{100 * m['test_accuracy']:.2f} %**{tta} | "
                      f"{wall} | {m['device']} |")
     return '\n'.join(lines)
@@ -100,11 +101,11 @@ def write_comparison(run_dirs: list[Path], out: Path, title: str) -> str:
     return table
 
 
-def update_readme(readme: Path, run_dirs: list[Path]) -> None:
+def update_readme(readme: Path, run_dirs: list[Path], full_commands: bool = False) -> None:
     """Replace the table between the results markers in `readme` with one generated from `run_dirs`."""
     text = Path(readme).read_text()
     if BEGIN not in text or END not in text: raise ValueError(f'{readme} has no {BEGIN} ... {END} block')
-    table = results_table(run_dirs, Path(readme).parent)
+    table = results_table(run_dirs, Path(readme).parent, full_commands)
     new = re.sub(f'{re.escape(BEGIN)}.*?{re.escape(END)}', lambda _: f'{BEGIN}\n{table}\n{END}', text, flags=re.S)
     Path(readme).write_text(new)
 
@@ -114,9 +115,11 @@ if __name__ == '__main__':
     p.add_argument('runs', nargs='*', default=None, help='run folders (default: results/*/ with a metrics.json)')
     p.add_argument('--readme', default='README.md')
     p.add_argument('--comparison', metavar='OUT', help='write OUT.md and OUT.png comparing the runs instead')
+    p.add_argument('--full-commands', action='store_true',
+                   help="spell out every training setting in the commands (default: those that differ from the recipe's)")
     a = p.parse_args()
     runs = [Path(r) for r in a.runs] or sorted(p.parent for p in Path('results').glob('*/metrics.json'))
     try:
         if a.comparison: print(write_comparison(runs, Path(a.comparison), f"{', '.join(d.name for d in runs)} compared"))
-        else: update_readme(Path(a.readme), runs)
+        else: update_readme(Path(a.readme), runs, a.full_commands)
     except (ValueError, FileNotFoundError) as e: p.exit(2, f'error: {e}\n')

@@ -8,17 +8,16 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-import albumentations as A
 import fastai
+import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, summary, to_channelslast onto Learner)
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, summary, to_channelslast onto Learner)
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
@@ -26,8 +25,18 @@ from fastai.metrics import accuracy
 from fastai.optimizer import SGD, Adam
 from fastai.torch_core import set_seed
 
-from .callbacks import (EpochCheckpoint, EpochState, FloatLosses, GroupNormLikeBN, PlainProgress, ResumableCSVLogger, StopOnNaN,
-                        atomic_write, last_epoch)
+from .augment import A
+from .callbacks import (
+    EpochCheckpoint,
+    EpochState,
+    FloatLosses,
+    GroupNormLikeBN,
+    PlainProgress,
+    ResumableCSVLogger,
+    StopOnNaN,
+    atomic_write,
+    last_epoch,
+)
 from .constraints import Constraints
 from .data import DataError, cifar10_path, cifar_dls, data_fingerprint, data_name
 from .interpret import flip_tta_accuracy, plot_curves, review
@@ -58,8 +67,9 @@ class Recipe:
     tta: bool = False  # also report the test accuracy with flip test-time augmentation (never replaces the plain one)
 
     def settings(self, norm: str) -> dict:
-        """The recipe's default training settings for `norm`."""
-        return {**self.defaults, **self.norm_defaults.get(norm, {}), 'norm': norm}
+        """Every run setting's default for `norm`: `RunConfig`'s, then the recipe's, then the norm's own."""
+        base = {f.name: f.default for f in fields(RunConfig) if f.name != 'recipe'}
+        return {**base, **self.defaults, **self.norm_defaults.get(norm, {}), 'norm': norm}
 
 
 @dataclass
@@ -150,7 +160,7 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
     """DataLoaders and Learner for `recipe` with `cfg` (no training); mixed precision and channels_last on CUDA."""
     device = pick_device(cfg.device)
     set_seed(cfg.seed, reproducible=True)
-    model = model or build_model(recipe, cfg)
+    model = build_model(recipe, cfg) if model is None else model
     dls = cifar_dls(data_path or cifar10_path(cfg.data), recipe.augs, bs=cfg.bs, n_per_class=cfg.subset, workers=cfg.workers,
                     device=device)
     if len(dls.train) == 0:  # fastai drops the last partial batch, and would fail later on an empty DataLoader
@@ -237,10 +247,11 @@ def _seconds(times: pd.Series) -> pd.Series:
     return times.astype(str).map(lambda t: sum(int(x) * 60 ** i for i, x in enumerate(reversed(t.split(':')))))
 
 
-def run(recipe: Recipe, cfg: RunConfig) -> dict:
-    """Train `recipe` as `cfg` says and write the run folder; return the metrics."""
+def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
+    """Train `recipe` as `cfg` says (its network: `model`, else `build_model`'s) and write the run folder; return the
+    metrics."""
     t0 = time.time()
-    model = build_model(recipe, cfg)
+    model = build_model(recipe, cfg) if model is None else model
     data_path = cifar10_path(cfg.data)
     learn = build_learner(recipe, cfg, model=model, data_path=data_path)  # bad data, device or head fail before any output
     fingerprint = data_fingerprint(data_path)
@@ -265,7 +276,7 @@ def run(recipe: Recipe, cfg: RunConfig) -> dict:
         plt.gcf().savefig(out / 'lr_find.png', dpi=110)  # plot_lr_find(return_fig=True) returns None in fastai 2.8.12
         plt.close('all')
     name = _device_name(device)
-    earlier = prev.get('devices') or ([prev['device_name']] if 'device_name' in prev else [])
+    earlier = prev.get('devices', [])
     devices = earlier if earlier[-1:] == [name] else [*earlier, name]  # a run resumed elsewhere names each device in turn
     config = dict(asdict(cfg), lr_used=lr, spec=model.spec, augs=[repr(a) for a in recipe.augs], **data,
                   classes=list(learn.dls.vocab), device_name=name, devices=devices, versions=_versions(), argv=sys.argv)

@@ -4,7 +4,7 @@ import sys
 import warnings
 
 from cifar_fa.cli import one_line_errors, positive
-from cifar_fa.interpret import load_run, predict_image, review_run
+from cifar_fa.runs import load_run, predict_image, review_run
 
 p = argparse.ArgumentParser(description=__doc__, epilog="RUN_DIR/model.pkl is a pickle and loading it runs code from it: "
                             "review only run folders you trust, or pass --weights to load plain weights instead.")

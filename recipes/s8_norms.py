@@ -1,7 +1,7 @@
 """S8: one skeleton, three normalizations (bn, gn, ln), < 50,000 parameters, <= 20 epochs."""
-# cifar_fa before albumentations: it turns off the update check albumentations makes over the network on import
-from cifar_fa import Constraints, Recipe, main
-import albumentations as A
+from cifar_fa import Recipe, main
+from cifar_fa.assignments import S8
+from cifar_fa.augment import A
 
 # C = 3x3 conv, c = 1x1 conv, P = 2x2 max-pool; `C5:24+C3` adds C3's output to C5's ("add one layer to another")
 SPEC = 'C1:16 C2:32 c3:16 P1 C3:24 C4:24 C5:24+C3 c6:16 P2 C7:36 C8:36 C9:36+C7 GAP C10'
@@ -28,8 +28,9 @@ HPARAMS = dict(
 # (80.00 -> 80.44 %, inside its seed spread of 0.60)
 NORM_HPARAMS = dict(gn=dict(ws=True), ln=dict(ws=True, bs=64))
 
-RECIPE = Recipe('s8', SPEC, AUGS, defaults=HPARAMS, norm_defaults=NORM_HPARAMS, constraints=Constraints(
-    max_params=50_000, max_epochs=20, skeleton='C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10'))
+# S8's rules (cifar_fa.assignments): the skeleton C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10, < 50,000 parameters,
+# <= 20 epochs
+RECIPE = Recipe('s8', SPEC, AUGS, defaults=HPARAMS, norm_defaults=NORM_HPARAMS, constraints=S8)
 
 if __name__ == '__main__':
     main(RECIPE)

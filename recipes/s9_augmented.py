@@ -1,7 +1,7 @@
 """S9: blocks C1 C2 C3 C4 of three convs each, then GAP and a 1x1 conv; < 200,000 parameters; albumentations."""
-# cifar_fa before albumentations: it turns off the update check albumentations makes over the network on import
-from cifar_fa import CIFAR_MEAN_RGB, Constraints, Recipe, main
-import albumentations as A
+from cifar_fa import CIFAR_MEAN_RGB, Recipe, main
+from cifar_fa.assignments import S9
+from cifar_fa.augment import A
 
 # each block ends by downsampling with a stride-2 conv (/s2) instead of max-pooling; /dw = depthwise-separable,
 # /d2 = dilation 2, +C2a adds C2a's output (a residual connection)
@@ -19,9 +19,9 @@ AUGS = [
 
 HPARAMS = dict(norm='bn', epochs=40, bs=128, opt='sgd', lr=0.1, wd=5e-4, label_smoothing=0.1)
 
-RECIPE = Recipe('s9', SPEC, AUGS, defaults=HPARAMS, tta=True, constraints=Constraints(
-    max_params=200_000, min_rf=44, max_epochs=40, blocks='C1 C2 C3 C4 GAP', block_convs=3,
-    need_dilated=True, need_separable=True))
+# S9's rules (cifar_fa.assignments): blocks C1 C2 C3 C4 of 3 convs each, GAP + 1x1 head, a dilated and a
+# depthwise-separable conv, RF > 44, < 200,000 parameters; <= 40 epochs is our goal's cap
+RECIPE = Recipe('s9', SPEC, AUGS, defaults=HPARAMS, tta=True, constraints=S9)
 
 if __name__ == '__main__':
     main(RECIPE)

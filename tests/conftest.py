@@ -1,6 +1,5 @@
 """Shared fixtures: tiny synthetic CIFAR-style folders written by the tests themselves."""
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault('MPLBACKEND', 'Agg')
@@ -11,7 +10,6 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'recipes'))
 
 CLASSES = [f'class{i}' for i in range(10)]
 

@@ -8,11 +8,11 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
+from conftest import CLASSES, write_synthetic
 from PIL import Image
 
 from cifar_fa import DataError, cifar10_path, cifar_dls
 from cifar_fa.data import KNOWN_COPIES, AlbumentationsTransform, data_fingerprint, data_name
-from conftest import CLASSES, write_synthetic
 
 
 def _tgz(src, dest):
@@ -184,6 +184,7 @@ def test_decoded_cache_rebuilt_when_a_file_is_rewritten(synth, tmp_path):
 
 def test_decoded_images_getter(synth):
     import pickle
+
     from cifar_fa.data import DecodedImages
     get = DecodedImages(synth)
     f = synth / 'test' / CLASSES[3] / '0001.png'

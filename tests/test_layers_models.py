@@ -7,13 +7,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastai.torch_core import set_seed
 
-from cifar_fa import NORMS, ConstraintError, Constraints, ConvBlock, SpecNet, count_params, norm_layer, parse_spec
-from cifar_fa import RunConfig, build_model, layers, train
-from cifar_fa.train import RunError
-from cifar_fa.layers import WSConv2d
+from cifar_fa import (
+    NORMS,
+    ConstraintError,
+    ConvBlock,
+    RunConfig,
+    SpecNet,
+    build_model,
+    count_params,
+    layers,
+    norm_layer,
+    parse_spec,
+    train,
+)
 from cifar_fa.callbacks import GroupNormLikeBN  # noqa: F401 (imported to fail early if the module breaks)
-from s7_dilated_separable import RECIPE as S7
-from s8_norms import RECIPE as S8
+from cifar_fa.layers import WSConv2d
+from cifar_fa.train import RunError
+from recipes.s7_dilated_separable import RECIPE as S7
+from recipes.s8_norms import RECIPE as S8
 
 
 @pytest.mark.parametrize('name,cls,groups', [('bn', nn.BatchNorm2d, None), ('gn', nn.GroupNorm, 4), ('ln', nn.GroupNorm, 1)])
@@ -101,7 +112,7 @@ def test_s8_params_same_for_every_norm():
 @pytest.mark.parametrize('norm', ['bn', 'gn', 'ln'])
 def test_every_parameter_learns(recipe, norm):
     """A branch whose output and gradient are exactly zero (e.g. a zero-initialised norm before a ReLU) never trains."""
-    spec = importlib.import_module(recipe).RECIPE.spec
+    spec = importlib.import_module(f'recipes.{recipe}').RECIPE.spec
     model = SpecNet(spec, norm).train()
     torch.nn.functional.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.arange(8)).backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]

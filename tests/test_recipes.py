@@ -12,7 +12,6 @@ import time
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ROOT
 
 S8 = str(ROOT / 'recipes' / 's8_norms.py')
@@ -145,7 +144,7 @@ def test_sigterm_during_a_loader_iterators_start_is_one_interrupt():
 
 def test_refused_memory_is_one_line_and_resumable(synth, tmp_path, monkeypatch, capsys):
     from cifar_fa import main
-    from s8_norms import RECIPE
+    from recipes.s8_norms import RECIPE
     out, fork = tmp_path / 'run', os.fork
     args = ['--data', str(synth), '--epochs', '2', '--bs', '32', '--out', str(out)]
 
@@ -245,15 +244,16 @@ def test_explore_notebook_runs(synth, monkeypatch):
 
 def test_norm_defaults_apply_unless_the_option_is_given():
     from dataclasses import replace
+
     from cifar_fa.cli import config_from_args
-    rec = replace(importlib.import_module('s8_norms').RECIPE, norm_defaults={'gn': {'bs': 64, 'lr': 0.05}})
+    rec = replace(importlib.import_module('recipes.s8_norms').RECIPE, norm_defaults={'gn': {'bs': 64, 'lr': 0.05}})
     bs = rec.defaults['bs']
     assert (config_from_args(rec, ['--norm', 'gn']).bs, config_from_args(rec, ['--norm', 'gn']).lr) == (64, 0.05)
     assert config_from_args(rec, ['--norm', 'gn', '--bs', str(bs)]).bs == bs  # given, even equal to the recipe default
     assert config_from_args(rec, ['--norm', 'bn']).bs == bs
     assert [config_from_args(rec, ['--norm', 'all', '--lr', '0.2'], norm=n).lr for n in ('bn', 'gn')] == [0.2, 0.2]
     assert config_from_args(rec, ['--norm', 'all'], norm='gn').bs == 64 == rec.settings('gn')['bs']
-    s8 = importlib.import_module('s8_norms').RECIPE  # the published gn and ln runs: standardized convs; ln: batches of 64
+    s8 = importlib.import_module('recipes.s8_norms').RECIPE  # the published gn and ln runs: standardized convs; ln: batches of 64
     assert [config_from_args(s8, ['--norm', n]).ws for n in ('bn', 'gn', 'ln')] == [False, True, True]
     assert not config_from_args(s8, ['--norm', 'ln', '--no-ws']).ws and config_from_args(s8, ['--norm', 'bn', '--ws']).ws
     assert [config_from_args(s8, ['--norm', n]).bs for n in ('bn', 'gn', 'ln')] == [128, 128, 64]  # as published
@@ -275,14 +275,14 @@ def test_no_network_call_on_import(script):
 @pytest.mark.parametrize('module,params', [('s7_dilated_separable', '949,642'), ('s9_augmented', '196,106')])
 def test_s7_s9_dry_run(module, params, capsys):
     from cifar_fa import main
-    main(importlib.import_module(module).RECIPE, ['--norm', 'all', '--dry-run'])  # every norm, in this process
+    main(importlib.import_module(f'recipes.{module}').RECIPE, ['--norm', 'all', '--dry-run'])  # every norm, in this process
     out = capsys.readouterr().out
     assert out.count(f'parameters: {params}') == 3 and out.count('constraints: ok') == 3
 
 
 def test_s9_epoch_cap(capsys):
     from cifar_fa import main
-    from s9_augmented import RECIPE
+    from recipes.s9_augmented import RECIPE
     with pytest.raises(SystemExit) as e: main(RECIPE, ['--epochs', '41', '--dry-run'])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "cap of 40" in err and 'Traceback' not in err
@@ -290,10 +290,12 @@ def test_s9_epoch_cap(capsys):
 
 def test_s9_cutout_is_one_16x16_hole_of_the_mean():
     import copy
+
     import albumentations as A
     import numpy as np
+
     from cifar_fa import CIFAR_MEAN_RGB
-    from s9_augmented import AUGS
+    from recipes.s9_augmented import AUGS
     cutout = copy.deepcopy(next(a for a in AUGS if isinstance(a, A.CoarseDropout)))
     cutout.p = 1.
     for seed in range(5):

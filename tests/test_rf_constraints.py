@@ -1,7 +1,7 @@
 import pytest
 
-from cifar_fa import Constraints, ConstraintError, SpecNet, rf_table, total_rf
-from s8_norms import RECIPE as S8
+from cifar_fa import ConstraintError, Constraints, SpecNet, rf_table, total_rf
+from recipes.s8_norms import RECIPE as S8
 
 
 def test_rf_table_hand_computed():
@@ -83,6 +83,6 @@ def test_block_constraints(spec, msg):
 
 
 def test_blocks_from_names():
-    from cifar_fa.models import parse_spec
+    from cifar_fa.spec import parse_spec
     assert [l.block for l in parse_spec('C1a:8 c1b:8 P1 C2:8 GAP O')] == ['C1', 'C1', 'P1', 'C2', 'GAP', 'O']
     Constraints(blocks='C1 P1 C2 GAP', block_convs=None).check(SpecNet('C1a:8 c1b:8 P1 C2:8 GAP O', 'bn'))

@@ -1,18 +1,16 @@
 """Print the main process's glibc heap and resident memory every 100 batches of a fresh S9 training on CIFAR-10."""
 import argparse
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / 'recipes'))
-from s9_augmented import HPARAMS, RECIPE  # noqa: E402  (imports cifar_fa before fastai: it quiets fastai's import)
+from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
 
-from cifar_fa.callbacks import FloatLosses, PlainProgress  # noqa: E402
-from cifar_fa.cli import one_line_errors, positive  # noqa: E402
-from cifar_fa.train import RunConfig, build_learner  # noqa: E402
-from fastai.callback.core import Callback  # noqa: E402
-from fastai.callback.progress import ProgressCallback  # noqa: E402
+from cifar_fa.callbacks import FloatLosses, PlainProgress  # before fastai: cifar_fa quiets fastai's import warnings
+from cifar_fa.cli import one_line_errors, positive
+from cifar_fa.registry import get_recipe
+from cifar_fa.train import RunConfig, build_learner
+
+RECIPE = get_recipe('s9')
 
 
 def heap_mb() -> int:
@@ -46,7 +44,7 @@ if __name__ == '__main__':
     p.add_argument('--epochs', type=positive(int), default=2)
     p.add_argument('--tensor-losses', action='store_true', help="keep fastai's per-batch loss tensors (no FloatLosses)")
     args = p.parse_args()
-    cfg = RunConfig('s9', **{**HPARAMS, 'epochs': args.epochs}, data=args.data, device='cpu')
+    cfg = RunConfig('s9', **{**RECIPE.defaults, 'epochs': args.epochs}, data=args.data, device='cpu')
     with one_line_errors(): learn = build_learner(RECIPE, cfg, '/tmp/heap_benchmark')
     learn.remove_cb(ProgressCallback).add_cbs([PlainProgress(), MemoryLog()])  # as in a logged run
     if args.tensor_losses: learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, FloatLosses)))
