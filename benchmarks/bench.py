@@ -1,9 +1,11 @@
-"""Benchmark cifar_fa's DataBlock pipeline and Learner against plain PyTorch with the same data, augmentations and model.
+"""Benchmark cifar_fa's DataBlock pipeline and Learner against plain PyTorch with the same data, augmentations and \
+model.
 
     python benchmarks/bench.py [--data CIFAR10] [--batches 60] [--workers N] [--bs 128] [--repeats 3]
 
 Prints images/s of the training pipelines, the time of the same number of training steps through the Learner and
-through a hand-written loop (alternated, median of --repeats), the peak resident memory, and the machine and versions. Not a test: figures vary by machine.
+through a hand-written loop (alternated, median of --repeats), the peak resident memory, and the machine and versions. \
+Not a test: figures vary by machine.
 """
 from __future__ import annotations
 
@@ -17,6 +19,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+# cifar_fa before fastai: it filters the deprecation warning fastai's import raises (hence I001 off for this file)
+from cifar_fa import RunConfig, build_learner, build_model, cifar10_path, cifar_dls
+from cifar_fa.augment import A
+from cifar_fa.cli import non_negative, one_line_errors, positive
+from cifar_fa.config import RunError
+from cifar_fa.data import CIFAR_STATS, image_files
+from cifar_fa.registry import get_recipe
+
 import fastai
 import numpy as np
 import torch
@@ -25,15 +35,8 @@ from fastai.callback.core import Callback, CancelValidException
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-# cifar_fa first: it quiets fastai's import and turns off albumentations' update check over the network
-from cifar_fa import RunConfig, build_learner, build_model, cifar10_path, cifar_dls
-from cifar_fa.augment import A
-from cifar_fa.cli import non_negative, one_line_errors, positive
-from cifar_fa.data import CIFAR_STATS, image_files
-from cifar_fa.registry import get_recipe
-from cifar_fa.train import RunError
-
 RECIPE = get_recipe('s8')
+
 
 class PlainCifar(Dataset):
     """What a PyTorch user writes: open each file with PIL, albumentations, a normalized tensor."""
@@ -121,22 +124,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument('--batches', type=positive(int), default=60, help='batches per measurement')
     p.add_argument('--workers', type=non_negative(int), default=min(4, os.cpu_count() or 1))
     p.add_argument('--bs', type=positive(int), default=128)
-    p.add_argument('--repeats', type=positive(int), default=3, help='alternated timings of each training loop (the median is shown)')
+    p.add_argument('--repeats', type=positive(int), default=3,
+                   help='alternated timings of each training loop (the median is shown)')
     p.add_argument('--device', default='auto')
     args = p.parse_args(argv)
     root = cifar10_path(args.data)
     train = [f for f in image_files(root) if f.parent.parent.name == 'train']
     n_per_class = -(-args.bs * (args.batches + 1) // 10)  # one epoch = the measured batches (+1: drop_last)
-    cfg = RunConfig('s8', **{**RECIPE.defaults, 'norm': 'bn', 'bs': args.bs, 'workers': args.workers, 'device': args.device,
-                             'data': str(root), 'subset': n_per_class, 'epochs': 1})
+    cfg = RunConfig('s8', **{**RECIPE.defaults, 'norm': 'bn', 'bs': args.bs, 'workers': args.workers,
+                             'device': args.device, 'data': str(root), 'subset': n_per_class, 'epochs': 1})
     learn = build_learner(RECIPE, cfg)
     device = learn.dls.device
     plain_dl = DataLoader(PlainCifar(train, RECIPE.augs), args.bs, shuffle=True, num_workers=args.workers,
                           drop_last=True, pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0)
     full_dls = cifar_dls(root, RECIPE.augs, bs=args.bs, workers=args.workers, device=device)
     if len(full_dls.train) <= args.batches:
-        raise RunError(f'--batches {args.batches} needs {args.batches + 1} training batches of {args.bs} (one warms up), '
-                       f'but {root} holds {len(full_dls.train)}; pass a smaller --batches or --bs')
+        raise RunError(f'--batches {args.batches} needs {args.batches + 1} training batches of {args.bs} '
+                       f'(one warms up), but {root} holds {len(full_dls.train)}; pass a smaller --batches or --bs')
     ours, plain = pipeline_rate(full_dls.train, args.batches), pipeline_rate(plain_dl, args.batches)
     timer, n_steps = TrainTime(), len(learn.dls.train)
     ours_s, plain_s = [], []
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, cfg.lr, cbs=TrainTime())
     memory.done.set()
     rows = {
-        'machine': f'{platform.machine()}, {os.cpu_count()} CPUs' + (f', {torch.cuda.get_device_name()}' if device.type == 'cuda' else ''),
+        'machine': f'{platform.machine()}, {os.cpu_count()} CPUs'
+                   + (f', {torch.cuda.get_device_name()}' if device.type == 'cuda' else ''),
         'versions': f'torch {torch.__version__}, fastai {fastai.__version__}, albumentations {A.__version__}',
         'settings': f'S8 bn, bs {args.bs}, {args.workers} workers, {args.batches} batches, device {device}',
         'pipeline img/s, cifar_fa DataBlock': round(ours),

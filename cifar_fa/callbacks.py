@@ -2,50 +2,26 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
-import signal
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import CSVLogger
+from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.learner import Recorder
 
-__all__ = ['GroupNormLikeBN', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN', 'atomic_write',
+from .system import interrupts_held
+
+__all__ = ['GroupNormLikeBN', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN',
            'FloatLosses', 'DivergedError', 'last_epoch']
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-@contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block has run, then deliver them."""
-    sigs = (signal.SIGINT, signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, sigs):
-        yield  # handlers can only be set from the main thread, and only restored if Python set them
-        return
-    got = []
-    old = {s: signal.signal(s, lambda n, _: got.append(n)) for s in sigs}
-    try: yield
-    finally:
-        for s, handler in old.items(): signal.signal(s, handler)
-        if got: signal.raise_signal(got[0])
-
-
 class GroupNormLikeBN(Callback):
-    """Give GroupNorm parameters BatchNorm's treatment: no weight decay unless `wd_bn_bias`, trainable under `train_bn`."""
+    """Treat GroupNorm parameters as BatchNorm's: no weight decay unless `wd_bn_bias`, trainable under `train_bn`."""
     order = -5  # fastai's `norm_types` lacks nn.GroupNorm, so `Learner.create_opt` skips these
 
     def before_fit(self):
@@ -74,14 +50,16 @@ class DivergedError(RuntimeError):
     """Training produced a non-finite loss."""
 
 
-class StopOnNaN(Callback):
-    """Stop with `DivergedError` as soon as the training loss is not finite."""
-    order = 40
+class StopOnNaN(TerminateOnNaNCallback):
+    """fastai's `TerminateOnNaNCallback`, but the run stops with `DivergedError` (one line, exit status 2, nothing
+    exported) instead of `fit` ending as if it had finished."""
 
     def after_batch(self):
-        if self.training and not math.isfinite(self.loss.item()):
-            raise DivergedError(f"the training loss became {self.loss.item()} in epoch {self.epoch}; "
-                                "the learning rate is too high: lower --lr (or use --lr find)")
+        try: super().after_batch()
+        except CancelFitException:
+            raise DivergedError(f"the {'training' if self.training else 'test'} loss became {self.loss.item()} "
+                                f"in epoch {self.epoch}; the learning rate is too high: "
+                                "lower --lr (or use --lr find)") from None
 
 
 class PlainProgress(Callback):
@@ -135,9 +113,7 @@ def set_epoch_state(learn, state: dict) -> None:
     torch.set_rng_state(torch.tensor(state['torch'], dtype=torch.uint8))
     for dl, mt in zip(learn.dls.loaders, state['dls']): dl.rng.setstate((3, tuple(mt), None))
     device, cuda = learn.dls.device, state.get('cuda')
-    if cuda and device.type == 'cuda':  # resumed on a GPU; checkpoints before 2026-12-05 held every visible GPU's state
-        if isinstance(cuda[0], list): cuda = cuda[device.index or 0] if (device.index or 0) < len(cuda) else None
-        if cuda: torch.cuda.set_rng_state(torch.tensor(cuda, dtype=torch.uint8), device)
+    if cuda and device.type == 'cuda': torch.cuda.set_rng_state(torch.tensor(cuda, dtype=torch.uint8), device)
     smooth = learn.recorder.smooth_loss
     smooth.count, smooth.val = state['smooth_loss'][0], torch.tensor(state['smooth_loss'][1])
 
@@ -157,7 +133,7 @@ class EpochState(Callback):
 
 
 class EpochCheckpoint(Callback):
-    """After each trained epoch, save model, optimizer, epoch number and `epoch_state` to `model_dir/last.*`, atomically."""
+    """After each trained epoch, atomically save model, optimizer, epoch and `epoch_state` to `model_dir/last.*`."""
     order = 65  # after the Recorder and the CSV logger have written the epoch
 
     def before_epoch(self): self.trained = False
@@ -168,7 +144,7 @@ class EpochCheckpoint(Callback):
         tmp = self.learn.save('last.tmp', with_opt=True)
         info = tmp.with_name('last.json.tmp')
         info.write_text(json.dumps({'epoch': self.epoch, 'n_epoch': self.n_epoch, 'state': epoch_state(self.learn)}))
-        with _interrupts_held():  # the weights of one epoch never sit beside the epoch number of another
+        with interrupts_held():  # the weights of one epoch never sit beside the epoch number of another
             os.replace(tmp, tmp.with_name('last.pth'))
             os.replace(info, tmp.with_name('last.json'))
 

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import math
-import signal
 import sys
 from collections import defaultdict
 from contextlib import contextmanager
@@ -12,12 +10,15 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .callbacks import DivergedError, last_epoch
+from .callbacks import DivergedError
+from .config import OPTIMIZERS, Recipe, RunConfig, RunError, flag
 from .constraints import ConstraintError
 from .data import DataError
 from .layers import NORMS
 from .models import SpecNet
-from .train import OPTIMIZERS, Recipe, RunConfig, RunError, build_model, describe, flag, holds_run, run
+from .runfolder import holds_run, no_epoch_done
+from .system import memory_refused, stop_on_sigterm, stop_requested
+from .train import build_model, describe, run
 
 __all__ = ['parser', 'config_from_args', 'main', 'positive', 'non_negative', 'one_line_errors']
 
@@ -25,7 +26,8 @@ __all__ = ['parser', 'config_from_args', 'main', 'positive', 'non_negative', 'on
 def _number(kind: type, ok: Callable, need: str) -> Callable[[str], float]:
     def parse(s: str):
         v = kind(s)
-        if (kind is float and not math.isfinite(v)) or not ok(v): raise argparse.ArgumentTypeError(f'must be {need}, got {s}')
+        if (kind is float and not math.isfinite(v)) or not ok(v):
+            raise argparse.ArgumentTypeError(f'must be {need}, got {s}')
         return v
     return parse
 
@@ -55,71 +57,63 @@ def _default_norm(recipe: Recipe) -> str:
 def parser(recipe: Recipe, given_only: bool = False) -> argparse.ArgumentParser:
     """Argument parser for `recipe`; defaults shown are the recipe's own for its default norm (`given_only`: no
     defaults, so that a parsed namespace holds the options given and nothing else)."""
-    d = defaultdict(lambda: argparse.SUPPRESS) if given_only else {**recipe.settings(_default_norm(recipe)), 'dry_run': False}
+    d = (defaultdict(lambda: argparse.SUPPRESS) if given_only
+         else {**recipe.settings(_default_norm(recipe)), 'dry_run': False})
     per_norm = '; '.join(f"--norm {n}: " + ' '.join(flag(k, v) for k, v in kw.items())
                          for n, kw in recipe.norm_defaults.items())
     p = argparse.ArgumentParser(description=f'Train the {recipe.name} recipe on CIFAR-10 and write a run folder.',
-                                epilog=per_norm and f'defaults that differ per norm (an option given overrides them): {per_norm}',
+                                epilog=per_norm and 'defaults that differ per norm (an option given overrides them): '
+                                                    f'{per_norm}',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--norm', choices=[*NORMS, 'all'], default=d['norm'],
                    help="normalization layer; 'all' trains each in turn and writes a comparison")
-    p.add_argument('--data', default=d['data'], help='CIFAR-10 folder (train/, test/) or .tgz of one; default $CIFAR10_DIR, '
-                                               "else fastai's untar_data(URLs.CIFAR)")
+    p.add_argument('--data', default=d['data'],
+                   help='CIFAR-10 folder (train/, test/) or .tgz of one; default $CIFAR10_DIR, '
+                        "else fastai's untar_data(URLs.CIFAR)")
     p.add_argument('--epochs', type=positive(int), default=d['epochs'], help='epochs of the one cycle')
     p.add_argument('--bs', type=positive(int), default=d['bs'], help='batch size')
     p.add_argument('--opt', choices=list(OPTIMIZERS), default=d['opt'], help='optimizer')
     p.add_argument('--lr', type=_lr, default=d['lr'], help="max learning rate of the one cycle, or 'find'")
     p.add_argument('--wd', type=non_negative(float), default=d['wd'], help='weight decay (adam: decoupled; sgd: L2)')
-    p.add_argument('--dropout', type=_fraction, default=d['dropout'], help='channel dropout (Dropout2d) after every conv block')
+    p.add_argument('--dropout', type=_fraction, default=d['dropout'],
+                   help='channel dropout (Dropout2d) after every conv block')
     p.add_argument('--ws', action=argparse.BooleanOptionalAction, default=d['ws'],
                    help='weight-standardized convs (zero-mean, unit-variance filters)')
-    p.add_argument('--label-smoothing', type=_fraction, default=d['label_smoothing'], help='label smoothing of the loss')
+    p.add_argument('--label-smoothing', type=_fraction, default=d['label_smoothing'],
+                   help='label smoothing of the loss')
     p.add_argument('--seed', type=_seed, default=d['seed'], help='seed of every random generator')
-    p.add_argument('--workers', type=non_negative(int), default=d['workers'], help='DataLoader workers (default: min(4, CPUs))')
+    p.add_argument('--workers', type=non_negative(int), default=d['workers'],
+                   help='DataLoader workers (default: min(4, CPUs))')
     p.add_argument('--device', default=d['device'], help='auto, cpu or cuda')
-    p.add_argument('--spec', default=d['spec'], help="the network as a spec string (README: Models are specs) instead of the "
-                                               "recipe's SPEC; the assignment's constraints still apply")
-    p.add_argument('--subset', type=positive(int), default=d['subset'], help='use N training images per class (quick looks)')
-    p.add_argument('--out', default=d['out'], help="run folder (default runs/<recipe>_<norm>); with --norm all, the folder "
-                                              "that holds one per norm and the comparison (default runs)")
+    p.add_argument('--spec', default=d['spec'],
+                   help="the network as a spec string (README: Models are specs) instead of the "
+                        "recipe's SPEC; the assignment's constraints still apply")
+    p.add_argument('--subset', type=positive(int), default=d['subset'],
+                   help='use N training images per class (quick looks)')
+    p.add_argument('--out', default=d['out'],
+                   help="run folder (default runs/<recipe>_<norm>); with --norm all, the folder "
+                        "that holds one per norm and the comparison (default runs)")
     keep = p.add_mutually_exclusive_group()
-    keep.add_argument('--resume', action='store_true', default=d['resume'], help="continue the run in --out from its last checkpoint")
+    keep.add_argument('--resume', action='store_true', default=d['resume'],
+                      help="continue the run in --out from its last checkpoint")
     keep.add_argument('--overwrite', action='store_true', default=d['overwrite'], help='replace an existing run folder')
     p.add_argument('--outside-assignment', action='store_true', default=d['outside_assignment'],
                    help="skip the assignment's constraint checks (the run's metrics say so)")
-    p.add_argument('--dry-run', action='store_true', default=d['dry_run'], help='build and check the model, print its summary, load no data')
+    p.add_argument('--dry-run', action='store_true', default=d['dry_run'],
+                   help='build and check the model, print its summary, load no data')
     return p
 
 
 def config_from_args(recipe: Recipe, argv: list[str] | None = None, **overrides) -> RunConfig:
-    """A `RunConfig` from command-line arguments: an option given wins, then the norm's own defaults, then the recipe's."""
+    """A `RunConfig` from command-line arguments: an option given wins, then the norm's defaults, then the recipe's."""
     given = vars(parser(recipe, given_only=True).parse_args(argv))
     norm = overrides.get('norm', given.get('norm', _default_norm(recipe)))
     known = {f.name for f in fields(RunConfig)}
-    return RunConfig(**{**recipe.settings(norm), **{k: v for k, v in given.items() if k in known}, 'recipe': recipe.name,
-                        **overrides})
+    return RunConfig(**{**recipe.settings(norm), **{k: v for k, v in given.items() if k in known},
+                        'recipe': recipe.name, **overrides})
 
 
 _RESUME_HINT = 'finished epochs are checkpointed; run the same command with --resume to continue'
-
-
-def _ignore_signal(signum, frame): pass
-
-
-def _quiet_half_built_loader(unraisable) -> None:
-    # an interrupt inside a DataLoader iterator's __init__ leaves it half built; its __del__ then fails on a missing
-    # attribute after its `finally` has stopped the workers, and that report would follow the one-line interrupt
-    if getattr(unraisable.object, '__qualname__', '') != '_MultiProcessingDataLoaderIter.__del__':
-        sys.__unraisablehook__(unraisable)
-
-
-def _interrupt(signum, frame):
-    # `pkill -f` or a cluster's scheduler signals the DataLoader workers too: torch's SIGCHLD handler would then
-    # report their deaths as a second error while the interrupt unwinds. A Python no-op, not SIG_DFL: a SIGCHLD
-    # already pending would otherwise surface as "OSError: Signal 17 ignored due to race condition"
-    signal.signal(signal.SIGCHLD, _ignore_signal)
-    sys.unraisablehook = _quiet_half_built_loader
-    raise KeyboardInterrupt
 
 
 @contextmanager
@@ -129,17 +123,6 @@ def one_line_errors() -> Iterator[None]:
     except (ConstraintError, DataError, RunError, DivergedError) as e:
         print(f'error: {str(e).strip().splitlines()[-1].strip()}', file=sys.stderr)  # fastai prefixes callback errors
         sys.exit(2)
-
-
-def _stop_requested(e: BaseException) -> bool:
-    """Whether `e` is Ctrl-C or SIGTERM, or torch reporting workers that SIGTERM stopped (before `_interrupt` ran)."""
-    return (isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt)
-            or 'killed by signal: Terminated' in str(e))
-
-
-def _no_epoch_done(out: Path) -> bool:
-    """Whether the run folder `out` holds no finished run and no finished epoch: nothing a fresh start would lose."""
-    return not (out / 'metrics.json').exists() and last_epoch(out / 'checkpoints') is None
 
 
 def _constraints_line(recipe: Recipe, cfg: RunConfig, model: SpecNet) -> str:
@@ -152,13 +135,15 @@ def _constraints_line(recipe: Recipe, cfg: RunConfig, model: SpecNet) -> str:
 def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
     """Parse `argv`, check the model and train it; errors become one line on stderr and exit status 2."""
     args = parser(recipe).parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` or a job scheduler: stop like Ctrl-C, keeping the checkpoints
+    stop_on_sigterm()
     norms = list(NORMS) if args.norm == 'all' else [args.norm]
     parent = Path(args.out or 'runs') if args.norm == 'all' else None
     cfgs = [config_from_args(recipe, argv, norm=n, **({'out': str(parent / f'{recipe.name}_{n}')} if parent else {}))
             for n in norms]
-    if parent and args.resume:  # the norms an interrupted --norm all never reached, or stopped in their first epoch, start afresh
-        cfgs = [replace(c, resume=False, overwrite=holds_run(Path(c.out))) if _no_epoch_done(Path(c.out)) else c for c in cfgs]
+    # the norms an interrupted --norm all never reached, or stopped in their first epoch, start afresh
+    if parent and args.resume:
+        cfgs = [replace(c, resume=False, overwrite=holds_run(Path(c.out))) if no_epoch_done(Path(c.out)) else c
+                for c in cfgs]
     try:
         with one_line_errors():
             models = [build_model(recipe, cfg) for cfg in cfgs]  # every variant is checked before any trains
@@ -168,12 +153,12 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
                 return None
             results = [run(recipe, cfg, model) for cfg, model in zip(cfgs, models)]
     except (MemoryError, OSError) as e:
-        if isinstance(e, OSError) and e.errno != errno.ENOMEM: raise
+        if not memory_refused(e): raise
         # e.g. forking the DataLoader workers when the process's memory outgrew the machine's (README: memory notes)
         print(f"error: the system refused memory{f' ({e})' if str(e) else ''}; {_RESUME_HINT}", file=sys.stderr)
         sys.exit(1)
     except (KeyboardInterrupt, RuntimeError) as e:
-        if not _stop_requested(e): raise
+        if not stop_requested(e): raise
         print(f'\ninterrupted: {_RESUME_HINT}', file=sys.stderr)
         sys.exit(130)
     if parent:

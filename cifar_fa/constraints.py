@@ -40,24 +40,30 @@ class Constraints:
         layers, n = parse_spec(model.spec), count_params(model)
         names = ' '.join(l.name for l in layers)
         if self.skeleton and names != self.skeleton:
-            raise ConstraintError(f"the model's layers are '{names}', but the assignment's skeleton is '{self.skeleton}'")
+            raise ConstraintError(f"the model's layers are '{names}', "
+                                  f"but the assignment's skeleton is '{self.skeleton}'")
         if self.skeleton and (l := next((l for l in layers if _options(l)), None)):
-            raise ConstraintError(f"layer {l.name} has {''.join(_options(l))}, but the skeleton's layers take no /options "
+            raise ConstraintError(f"layer {l.name} has {''.join(_options(l))}, "
+                                  "but the skeleton's layers take no /options "
                                   "(C = 3x3 conv, c = 1x1 conv, no stride, dilation or depthwise-separable)")
         if self.blocks:
             seq = [l.block for l in layers if l.kind != 'head']
-            seq, head = ' '.join(b for i, b in enumerate(seq) if i == 0 or b != seq[i - 1]), any(l.kind == 'head' for l in layers)
+            seq, head = (' '.join(b for i, b in enumerate(seq) if i == 0 or b != seq[i - 1]),
+                         any(l.kind == 'head' for l in layers))
             if seq != self.blocks or not head:
                 raise ConstraintError(f"the model's blocks are '{seq}' then {'a' if head else 'no'} head, "
                                       f"but the assignment needs '{self.blocks}' then a 1x1 conv to the classes")
         if self.block_convs is not None:
             for b in sorted({l.block for l in layers if l.kind == 'conv'}):
                 if (k := sum(l.block == b for l in layers if l.kind == 'conv')) != self.block_convs:
-                    raise ConstraintError(f"block {b} has {k} conv layers; the assignment needs {self.block_convs} in every block")
+                    raise ConstraintError(f"block {b} has {k} conv layers; "
+                                          f"the assignment needs {self.block_convs} in every block")
         if self.max_params is not None and n >= self.max_params:
-            raise ConstraintError(f"the model has {n:,} parameters; the assignment allows fewer than {self.max_params:,}: narrow some layers")
+            raise ConstraintError(f"the model has {n:,} parameters; "
+                                  f"the assignment allows fewer than {self.max_params:,}: narrow some layers")
         if self.min_rf is not None and (rf := total_rf(model.spec)) <= self.min_rf:
-            raise ConstraintError(f"the receptive field is {rf}; the assignment needs more than {self.min_rf}: add or dilate convs")
+            raise ConstraintError(f"the receptive field is {rf}; "
+                                  f"the assignment needs more than {self.min_rf}: add or dilate convs")
         # a 1x1 conv sees one pixel whatever its dilation, and its depthwise part is a per-channel scale
         if self.need_dilated and not any(l.dilation > 1 and l.ks > 1 for l in layers):
             raise ConstraintError("the assignment needs at least one dilated conv (e.g. C3:64/d2)")

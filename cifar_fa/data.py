@@ -24,10 +24,11 @@ from fasttransform import ItemTransform
 from PIL import Image
 
 from .augment import A
-from .callbacks import atomic_write
+from .system import atomic_write
 
-__all__ = ['DataError', 'CIFAR_STATS', 'CIFAR_MEAN_RGB', 'KNOWN_COPIES', 'cifar10_path', 'extract_archive', 'check_layout',
-           'image_files', 'data_fingerprint', 'data_name', 'DecodedImages', 'AlbumentationsTransform', 'CifarDataLoaders', 'cifar_block', 'cifar_dls', 'cache_dir']
+__all__ = ['DataError', 'CIFAR_STATS', 'CIFAR_MEAN_RGB', 'KNOWN_COPIES', 'cifar10_path', 'extract_archive',
+           'check_layout', 'image_files', 'data_fingerprint', 'data_name', 'DecodedImages', 'AlbumentationsTransform',
+           'CifarDataLoaders', 'cifar_block', 'cifar_dls', 'cache_dir']
 
 IMAGE_EXTS = set(image_extensions)
 CIFAR_STATS = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])  # per-channel mean, std of the training split
@@ -39,12 +40,14 @@ class DataError(ValueError):
 
 
 def cache_dir() -> Path:
-    """Folder where archives are extracted and images decoded (made if needed): `$CIFAR_FA_CACHE`, else `~/.cache/cifar_fa`."""
+    """Folder for extracted archives and decoded images (made if needed): `$CIFAR_FA_CACHE`, or `~/.cache/cifar_fa`."""
     d = Path(os.environ.get('CIFAR_FA_CACHE', Path.home() / '.cache' / 'cifar_fa')).expanduser()
     try: d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cannot use {d} as the cache folder ({e.strerror}); set CIFAR_FA_CACHE to a writable folder") from None
-    if not os.access(d, os.W_OK): raise DataError(f"cannot write to the cache folder {d}; set CIFAR_FA_CACHE to a writable folder")
+        raise DataError(f"cannot use {d} as the cache folder ({e.strerror}); "
+                        "set CIFAR_FA_CACHE to a writable folder") from None
+    if not os.access(d, os.W_OK):
+        raise DataError(f"cannot write to the cache folder {d}; set CIFAR_FA_CACHE to a writable folder")
     return d
 
 
@@ -65,12 +68,14 @@ def extract_archive(archive: Path, dest: Path | None = None) -> Path:
             for m in tf.getmembers():
                 target = (tmp / m.name).resolve()
                 if not target.is_relative_to(tmp.resolve()) or m.issym() or m.islnk():
-                    raise DataError(f"{archive}: entry {m.name!r} would land outside the extraction folder; refusing this archive")
+                    raise DataError(f"{archive}: entry {m.name!r} would land outside the extraction folder; "
+                                    "refusing this archive")
             tf.extractall(tmp, filter='data')
     except (tarfile.TarError, EOFError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = str(e).splitlines()[0].rstrip(':')  # tarfile lists each compression it tried on lines of their own
-        raise DataError(f"{archive} is not a readable .tgz/.tar.gz archive ({reason}); check the file or pass the extracted folder") from None
+        raise DataError(f"{archive} is not a readable .tgz/.tar.gz archive ({reason}); "
+                        "check the file or pass the extracted folder") from None
     except DataError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -82,7 +87,8 @@ def _find_root(path: Path) -> Path:
     if (path / 'train').is_dir() and (path / 'test').is_dir(): return path
     subs = [d for d in path.iterdir() if d.is_dir()] if path.is_dir() else []
     if len(subs) == 1 and (subs[0] / 'train').is_dir(): return _find_root(subs[0])
-    raise DataError(f"{path} has no train/ and test/ folders of class folders; pass the CIFAR-10 folder (or a .tgz of it)")
+    raise DataError(f"{path} has no train/ and test/ folders of class folders; "
+                    "pass the CIFAR-10 folder (or a .tgz of it)")
 
 
 def check_layout(root: Path) -> list[str]:
@@ -104,7 +110,8 @@ def _rgb(img: Image.Image, name: str | Path) -> np.ndarray:
     if not img.mode.startswith(('I', 'F')): return np.asarray(img.convert('RGB'))
     a = np.asarray(img)
     if a.dtype.kind == 'f' or not 0 <= a.min() <= a.max() <= 65535:
-        raise DataError(f'{name} holds {img.mode}-mode pixels that are not 16-bit integers; save it as an 8- or 16-bit image')
+        raise DataError(f'{name} holds {img.mode}-mode pixels that are not 16-bit integers; '
+                        'save it as an 8- or 16-bit image')
     if img.mode.startswith('I;16') or a.max() > 255: a = a >> 8  # 32-bit `I` holds 16-bit files (PGM) or 8-bit values
     return np.stack([a.astype(np.uint8)] * 3, axis=-1)
 
@@ -133,7 +140,8 @@ class Scan(NamedTuple):
 _CACHE_FORMAT = 2  # part of the cache key: a cache written in another format is rebuilt, not misread
 _SCANS: dict[str, Scan] = {}  # this process's scans: warnings are given once
 
-# fingerprints (`data_fingerprint`) of the copies the project has measured on, and the names the results table gives them
+# fingerprints (`data_fingerprint`) of the copies the project has measured on,
+# and the names the results table gives them
 KNOWN_COPIES = {
     ('d640880bb419e4a4', 'fd93333411e26aa8'): 'CIFAR-10',  # the original: ../shared/data/cifar10.tgz, URLs.CIFAR
     ('4a9405eaf30b3fd3', '99264032ac96c8b6'): 'CIFAR-10 JPEG copy',  # quality 75: ../shared/data/cifar10-jpg.tgz
@@ -162,7 +170,8 @@ def _scan(root: Path, size: int) -> Scan:
     size or mtime changes."""
     classes = check_layout(root)
     listing = {root / s / c: sorted(map(_stamp, os.scandir(root / s / c))) for s in ('train', 'test') for c in classes}
-    key = hashlib.sha1(f'{_CACHE_FORMAT}:{root.resolve()}:{size}:{[(str(d), e) for d, e in listing.items()]}'.encode()).hexdigest()[:16]
+    key = hashlib.sha1((f'{_CACHE_FORMAT}:{root.resolve()}:{size}:'
+                        f'{[(str(d), e) for d, e in listing.items()]}').encode()).hexdigest()[:16]
     if key in _SCANS: return _SCANS[key]
     cache = cache_dir()
     meta, npy = cache / f'images-{key}.json', cache / f'images-{key}.npy'
@@ -172,7 +181,9 @@ def _scan(root: Path, size: int) -> Scan:
             for name, *_ in entries:
                 (files if os.path.splitext(name)[1].lower() in IMAGE_EXTS else others).append(d / name)
         bad, wrong, pixels = _decode(files, size)
-        if wrong: raise DataError(f'{len(wrong)} images are not {size}x{size} ({_few(wrong)}); resize them to {size}x{size} or remove them')
+        if wrong:
+            raise DataError(f'{len(wrong)} images are not {size}x{size} ({_few(wrong)}); '
+                            f'resize them to {size}x{size} or remove them')
         skip = set(bad)
         good = [str(f.relative_to(root)) for f in files if str(f) not in skip]
         npy.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +192,8 @@ def _scan(root: Path, size: int) -> Scan:
         atomic_write(meta, json.dumps(dict(files=good, bad=bad, others=[str(f) for f in others],
                                            fingerprint=_fingerprint(good, pixels))))
     info = json.loads(meta.read_text())
-    if info['others']: warnings.warn(f"ignoring {len(info['others'])} non-image files: {_few(info['others'])}", stacklevel=3)
+    if info['others']:
+        warnings.warn(f"ignoring {len(info['others'])} non-image files: {_few(info['others'])}", stacklevel=3)
     if info['bad']: warnings.warn(f"skipping {len(info['bad'])} unreadable images: {_few(info['bad'])}", stacklevel=3)
     files = [root / f for f in info['files']]
     counts = {d: 0 for d in listing}
@@ -193,7 +205,7 @@ def _scan(root: Path, size: int) -> Scan:
 
 
 def image_files(root: Path, size: int = 32) -> list[Path]:
-    """Decodable images under `root`/train and `root`/test; unreadable and non-image files are skipped with a warning."""
+    """Decodable images under `root`/train and `root`/test; skips unreadable and non-image files with a warning."""
     return _scan(root, size).files
 
 
@@ -210,7 +222,7 @@ def data_name(fingerprint: dict[str, str] | None) -> str:
 
 
 class DecodedImages:
-    """`get_x` reading an image file's pixels from the decoded cache of its folder; other items pass through unchanged."""
+    """`get_x` reading an image file's pixels from the decoded cache of its folder; other items pass unchanged."""
 
     def __init__(self, root: Path, size: int = 32):
         files, self.npy, _ = _scan(root, size)
@@ -230,7 +242,8 @@ def _download() -> Path:
     from fastai.data.external import URLs, untar_data
     try: return untar_data(URLs.CIFAR)
     except OSError as e:  # urllib's URLError: no network, or the server refused
-        raise DataError(f"fastai's untar_data(URLs.CIFAR) could not download CIFAR-10 ({getattr(e, 'reason', None) or e}); "
+        raise DataError("fastai's untar_data(URLs.CIFAR) could not download CIFAR-10 "
+                        f"({getattr(e, 'reason', None) or e}); "
                         "pass --data with a local copy or set CIFAR10_DIR") from None
 
 
@@ -239,7 +252,8 @@ def cifar10_path(data: str | Path | None = None) -> Path:
     src = data or os.environ.get('CIFAR10_DIR')
     if src:
         path = Path(src).expanduser()
-        if not path.exists(): raise DataError(f"{path} does not exist; pass --data with a CIFAR-10 folder or .tgz (or set CIFAR10_DIR)")
+        if not path.exists():
+            raise DataError(f"{path} does not exist; pass --data with a CIFAR-10 folder or .tgz (or set CIFAR10_DIR)")
         if path.is_file(): path = extract_archive(path)
     else: path = _download()
     root = _find_root(path)
@@ -270,7 +284,8 @@ class AlbumentationsTransform(ItemTransform):
 def rgb_array(item: Path | str | Image.Image | np.ndarray, size: int = 32) -> np.ndarray:
     """HWC uint8 RGB pixels of an image file, PIL image or array (as `DecodedImages` gives them), `size`x`size`."""
     if isinstance(item, np.ndarray) and item.shape == (size, size, 3): return item
-    try: img = Image.fromarray(item) if isinstance(item, np.ndarray) else item if isinstance(item, Image.Image) else load_image(item)
+    try: img = (Image.fromarray(item) if isinstance(item, np.ndarray) else item if isinstance(item, Image.Image)
+                else load_image(item))
     except (OSError, SyntaxError, ValueError) as e: raise DataError(f'{item} is not a readable image ({e})') from None
     a = _rgb(img, item if isinstance(item, (str, Path)) else type(item).__name__)
     if a.shape[:2] != (size, size):  # predict on any image; training data is checked
@@ -313,7 +328,8 @@ def cifar_block(augs: Sequence[A.BasicTransform] = (), n_per_class: int | None =
     return DataBlock(blocks=(ArrayImageBlock, CategoryBlock), get_items=_subset_items(n_per_class), get_x=images,
                      splitter=GrandparentSplitter(train_name='train', valid_name='test'), get_y=parent_label,
                      item_tfms=AlbumentationsTransform(augs) if augs else None,
-                     batch_tfms=Normalize.from_stats(*CIFAR_STATS, cuda=False))  # moved with the DataLoaders, not to GPU 0
+                     # moved with the DataLoaders, not to GPU 0
+                     batch_tfms=Normalize.from_stats(*CIFAR_STATS, cuda=False))
 
 
 class CifarDataLoaders(DataLoaders):
@@ -322,7 +338,8 @@ class CifarDataLoaders(DataLoaders):
     def __repr__(self) -> str:
         aug = next((t for t in self.train.after_item.fs if isinstance(t, AlbumentationsTransform)), None)
         augs = ', '.join(type(t).__name__ for t in aug.aug.transforms) if aug else 'none'
-        return '\n'.join([f'{type(self).__name__}: {len(self.vocab)} classes ({", ".join(self.vocab)}) from {self.path}',
+        return '\n'.join([f'{type(self).__name__}: {len(self.vocab)} classes ({", ".join(self.vocab)}) '
+                          f'from {self.path}',
                           *(f'  {name}: {len(dl.dataset):,} images, {len(dl)} batches of {dl.bs}'
                             for name, dl in (('train', self.train), ('test ', self.valid))),
                           f'  train-only albumentations: {augs}', f'  device: {self.device}'])

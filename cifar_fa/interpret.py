@@ -42,7 +42,8 @@ def plot_curves(history: pd.DataFrame, title: str) -> matplotlib.figure.Figure:
 
 def plot_misclassified(interp: ClassificationInterpretation, probs: torch.Tensor, targs: torch.Tensor, title: str,
                        n: int = 10) -> matplotlib.figure.Figure:
-    """`n` misclassified test images, each true class in turn, in a 5-wide grid with true and predicted label and confidence."""
+    """`n` misclassified test images, each true class in turn, in a 5-wide grid
+    with true and predicted label and confidence."""
     vocab, wrong, true = interp.vocab, (probs.argmax(1) != targs).nonzero().flatten().tolist(), targs.tolist()
     per_class = [[i for i in wrong if true[i] == c] for c in range(len(vocab))]  # the test set is sorted by class
     wrong = [i for turn in zip_longest(*per_class) for i in turn if i is not None][:n]
@@ -57,7 +58,7 @@ def plot_misclassified(interp: ClassificationInterpretation, probs: torch.Tensor
 
 
 def review(learn: Learner, out: Path, title: str, k: int = 9, dl: DataLoader | None = None) -> dict:
-    """Write top_losses.png, misclassified.png and confusion.png for `dl` (default: the test split); return its metrics."""
+    """Write top_losses.png, misclassified.png and confusion.png for `dl` (default: test split); return its metrics."""
     out = Path(out)
     interp = ClassificationInterpretation.from_learner(learn, dl=dl)
     probs, targs = learn.get_preds(dl=interp.dl)

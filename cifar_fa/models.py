@@ -12,7 +12,8 @@ __all__ = ['SpecNet', 'count_params']
 
 class SpecNet(nn.Module):
     """A CNN built from a spec string, with any normalization from `NORMS` by name."""
-    def __init__(self, spec: str, norm: str = 'bn', n_in: int = 3, n_out: int = 10, dropout: float = 0., ws: bool = False):
+    def __init__(self, spec: str, norm: str = 'bn', n_in: int = 3, n_out: int = 10, dropout: float = 0.,
+                 ws: bool = False):
         super().__init__()
         self.spec, self.norm, self.ws = spec, norm, ws
         make_norm, layers, width, shapes, specs = norm_layer(norm), {}, n_in, {}, parse_spec(spec)
@@ -26,7 +27,8 @@ class SpecNet(nn.Module):
                 layers[l.name] = nn.Conv2d(width, l.nf or n_out, 1)
                 width = l.nf or n_out
             if l.add and shapes[l.add] != width:
-                raise ValueError(f"spec layer {l.name} ({width} channels) cannot add {l.add} ({shapes[l.add]} channels)")
+                raise ValueError(f"spec layer {l.name} ({width} channels) "
+                                 f"cannot add {l.add} ({shapes[l.add]} channels)")
             shapes[l.name] = width
         side = int(rf_table(spec).n_out.iloc[-1])  # raises if a `+SOURCE` adds a map of another size (32x32 inputs)
         self.out_features = width * side * side  # per image: the class count when the spec ends with GAP and a head
@@ -35,7 +37,8 @@ class SpecNet(nn.Module):
         self._sources = set(self.skips.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # a plain tensor: with fastai's TensorImage every op runs its __torch_function__ (a CPU step of S8 measured 1.4-1.8x)
+        # a plain tensor: with fastai's TensorImage every op runs its __torch_function__
+        # (a CPU step of S8 measured 1.4-1.8x)
         x, saved = x.as_subclass(torch.Tensor), {}
         for name, layer in self.layers.items():
             x = layer(x)

@@ -19,12 +19,15 @@ def rf_table(spec: str, size: int = 32) -> pd.DataFrame:
         n_out = (n + 2 * p - k_eff) // s + 1
         rf, n_in, n, jump = rf + (k_eff - 1) * jump, n, n_out, jump * s
         if n_out < 1:
-            raise ValueError(f"spec layer {l.name} turns a {n_in}x{n_in} map into {n_out}x{n_out}: drop a pool or stride, or shrink a kernel")
+            raise ValueError(f"spec layer {l.name} turns a {n_in}x{n_in} map into {n_out}x{n_out}: "
+                             "drop a pool or stride, or shrink a kernel")
         if l.kind == 'conv' and (reach := d * (k - 1) // 2) >= n_in:  # the outer taps only ever read padding
-            raise ValueError(f"spec layer {l.name}: its outer taps reach {reach} pixels from the centre of a {n_in}x{n_in} map, "
-                             f"so they only read padding and inflate the RF; use a kernel or dilation that reaches below {n_in}")
+            raise ValueError(f"spec layer {l.name}: its outer taps reach {reach} pixels "
+                             f"from the centre of a {n_in}x{n_in} map, so they only read padding and inflate the RF; "
+                             f"use a kernel or dilation that reaches below {n_in}")
         if l.add and sizes[l.add] != n_out:
-            raise ValueError(f"spec layer {l.name} ({n_out}x{n_out}) cannot add {l.add} ({sizes[l.add]}x{sizes[l.add]})")
+            raise ValueError(f"spec layer {l.name} ({n_out}x{n_out}) "
+                             f"cannot add {l.add} ({sizes[l.add]}x{sizes[l.add]})")
         sizes[l.name] = n_out
         rows.append(dict(layer=l.name, n_in=n_in, k=k, p=p, s=s, dilation=d, n_out=n_out, jump=jump, rf=rf))
     return pd.DataFrame(rows, columns=RF_COLUMNS)

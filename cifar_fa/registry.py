@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from importlib.metadata import EntryPoint, entry_points
 
-from .train import Recipe
+from .config import Recipe
 
 __all__ = ['list_recipes', 'get_recipe', 'recipe_script']
 

@@ -12,9 +12,9 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from .config import RUN_SETTINGS, flag
 from .data import data_name
 from .registry import get_recipe, list_recipes, recipe_script
-from .train import RUN_SETTINGS, flag
 
 __all__ = ['load_runs', 'results_table', 'comparison_figure', 'write_comparison', 'update_readme']
 
@@ -25,7 +25,8 @@ def load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
     """(folder, metrics, config) of each finished run folder, in the order given."""
     if unfinished := [str(d) for d in run_dirs if not (Path(d) / 'metrics.json').exists()]:
         raise ValueError(f"{', '.join(unfinished)}: no metrics.json, not a finished run folder")
-    return [(Path(d), json.loads((Path(d) / 'metrics.json').read_text()), json.loads((Path(d) / 'config.json').read_text()))
+    return [(Path(d), json.loads((Path(d) / 'metrics.json').read_text()),
+             json.loads((Path(d) / 'config.json').read_text()))
             for d in run_dirs]
 
 
@@ -49,7 +50,7 @@ def _recipes() -> dict:
 
 
 def _trial(cfg: dict) -> str:
-    """A note when the run's augmentations are not its recipe file's any more, so its command alone does not reproduce it."""
+    """A note when the run's augmentations differ from its recipe file's, so its command alone does not reproduce it."""
     _, recipe = _recipes().get(cfg['recipe'], (None, None))
     if recipe is None or 'augs' not in cfg or cfg['augs'] == [repr(a) for a in recipe.augs]: return ''
     return " (AUGS not the recipe file's: see its config.json and train.log)"
@@ -68,7 +69,9 @@ def results_table(run_dirs: list[Path], base: Path = Path('.'), full_commands: b
             wall = f"{m['epoch_seconds'] / 60:.1f} min of epochs ({wall} in the resumed invocation)"
         subset = f", {m['subset']} train images/class" if m.get('subset') else ''
         tta = f" (flip TTA: {100 * m['flip_tta_test_accuracy']:.2f} %)" if 'flip_tta_test_accuracy' in m else ''
-        lines.append(f"| [{d.name}]({Path(os.path.relpath(d, base)).as_posix()}/) | `{_command(cfg, full_commands)}`{trial} | {data_name(m.get('data_fingerprint'))} | {m['params']:,} | {m['epochs']}{subset}{note} | "
+        lines.append(f"| [{d.name}]({Path(os.path.relpath(d, base)).as_posix()}/) | "
+                     f"`{_command(cfg, full_commands)}`{trial} | {data_name(m.get('data_fingerprint'))} | "
+                     f"{m['params']:,} | {m['epochs']}{subset}{note} | "
                      f"{100 * m['train_accuracy']:.2f} % | **{100 * m['test_accuracy']:.2f} %**{tta} | "
                      f"{wall} | {m['device']} |")
     return '\n'.join(lines)
@@ -116,10 +119,12 @@ if __name__ == '__main__':
     p.add_argument('--readme', default='README.md')
     p.add_argument('--comparison', metavar='OUT', help='write OUT.md and OUT.png comparing the runs instead')
     p.add_argument('--full-commands', action='store_true',
-                   help="spell out every training setting in the commands (default: those that differ from the recipe's)")
+                   help="spell out every training setting in the commands "
+                        "(default: those that differ from the recipe's)")
     a = p.parse_args()
     runs = [Path(r) for r in a.runs] or sorted(p.parent for p in Path('results').glob('*/metrics.json'))
     try:
-        if a.comparison: print(write_comparison(runs, Path(a.comparison), f"{', '.join(d.name for d in runs)} compared"))
+        if a.comparison: print(write_comparison(runs, Path(a.comparison),
+                                                f"{', '.join(d.name for d in runs)} compared"))
         else: update_readme(Path(a.readme), runs, a.full_commands)
     except (ValueError, FileNotFoundError) as e: p.exit(2, f'error: {e}\n')

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from fastai.learner import Learner, load_learner
 
+from .config import Recipe, RunConfig
 from .constraints import Constraints
 from .data import DataError, check_layout, cifar10_path, data_fingerprint, data_name, image_files
 from .interpret import flip_tta_accuracy, review
-from .train import Recipe, RunConfig, build_learner
+from .train import build_learner
 
 __all__ = ['load_run', 'review_run', 'predict_image']
 
@@ -32,7 +33,8 @@ def load_run(run_dir: Path, weights: Path | None = None, data: str | None = None
     if weights is None: return load_learner(run_dir / 'model.pkl')
     cfg = json.loads((run_dir / 'config.json').read_text())
     recipe = Recipe(cfg['recipe'], cfg['spec'], augs=(), constraints=Constraints())
-    known = {f.name for f in fields(RunConfig)}  # all of them: --ws changes the convs without changing the weights' shapes
+    # all of them: --ws changes the convs without changing the weights' shapes
+    known = {f.name for f in fields(RunConfig)}
     run_cfg = RunConfig(**{**{k: v for k, v in cfg.items() if k in known}, 'data': _run_data(cfg, data),
                            'outside_assignment': True})
     learn = build_learner(recipe, run_cfg)
@@ -47,7 +49,8 @@ def _check_classes(root: Path, classes: list[str], learned: list[str]) -> None:
                         "pass the run's data with --data")
 
 
-def review_run(run_dir: Path, k: int = 16, data: str | None = None, weights: Path | None = None, tta: bool = False) -> dict:
+def review_run(run_dir: Path, k: int = 16, data: str | None = None, weights: Path | None = None,
+               tta: bool = False) -> dict:
     """(Re)write the review figures of a finished run on the test split; return its metrics (`tta`: with flip TTA)."""
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / 'config.json').read_text())

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 __all__ = ['LayerSpec', 'parse_spec']
 
-_MAX_VALUE = 65_536  # far beyond any CIFAR network; a 20-digit width overflows torch's int64 shapes even on the meta device
-_TOKEN = re.compile(r'^(?P<name>[A-Za-z]+\d*[a-z]?)(?::(?P<nf>\d+))?(?P<opts>(?:/(?:d\d+|s\d+|k\d+|dw))*)(?:\+(?P<add>\w+))?$')
+# far beyond any CIFAR network; a 20-digit width overflows torch's int64 shapes even on the meta device
+_MAX_VALUE = 65_536
+_TOKEN = re.compile(r'^(?P<name>[A-Za-z]+\d*[a-z]?)(?::(?P<nf>\d+))?'
+                    r'(?P<opts>(?:/(?:d\d+|s\d+|k\d+|dw))*)(?:\+(?P<add>\w+))?$')
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ def _parse_token(tok: str, after_gap: bool) -> LayerSpec:
     if name == 'GAP': return LayerSpec(name, 'gap')
     if after_gap: return LayerSpec(name, 'head', nf=nf, ks=1)  # any name: the 1x1 conv to the classes
     if name[0] == 'P': return LayerSpec(name, 'pool', ks=2, stride=2)
-    if name[0] not in 'Cc': raise ValueError(f"spec token {tok!r}: layers are C (3x3 conv), c (1x1 conv), P (max-pool) or GAP")
+    if name[0] not in 'Cc':
+        raise ValueError(f"spec token {tok!r}: layers are C (3x3 conv), c (1x1 conv), P (max-pool) or GAP")
     if nf is None: raise ValueError(f"spec token {tok!r} needs a width, e.g. {name}:32")
     kw = dict(ks=3 if name[0] == 'C' else 1)
     for o in opts:
@@ -66,5 +69,6 @@ def parse_spec(spec: str) -> list[LayerSpec]:
     names = [l.name for l in layers]
     if len(set(names)) != len(names): raise ValueError(f"spec {spec!r} repeats a layer name")
     for i, l in enumerate(layers):
-        if l.add and l.add not in names[:i]: raise ValueError(f"spec layer {l.name} adds {l.add!r}, which is not an earlier layer")
+        if l.add and l.add not in names[:i]:
+            raise ValueError(f"spec layer {l.name} adds {l.add!r}, which is not an earlier layer")
     return layers

@@ -1,17 +1,13 @@
-"""The one runner every recipe calls: model, constraints, data, Learner, one-cycle training, run folder."""
+"""The one runner every recipe calls: model, constraints, data, Learner, one-cycle training, written run folder."""
 from __future__ import annotations
 
 import json
-import math
-import os
 import platform
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import fastai
 import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, summary, to_channelslast onto Learner)
@@ -22,7 +18,6 @@ from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
-from fastai.optimizer import SGD, Adam
 from fastai.torch_core import set_seed
 
 from .augment import A
@@ -34,79 +29,17 @@ from .callbacks import (
     PlainProgress,
     ResumableCSVLogger,
     StopOnNaN,
-    atomic_write,
     last_epoch,
 )
-from .constraints import Constraints
+from .config import OPTIMIZERS, Recipe, RunConfig, RunError
 from .data import DataError, cifar10_path, cifar_dls, data_fingerprint, data_name
 from .interpret import flip_tta_accuracy, plot_curves, review
 from .models import SpecNet, count_params
 from .receptive_field import rf_table, total_rf
+from .runfolder import prepare_out
+from .system import atomic_write, memory_bytes
 
-__all__ = ['OPTIMIZERS', 'RUN_SETTINGS', 'Recipe', 'RunConfig', 'RunError', 'build_model', 'build_learner', 'describe', 'flag', 'holds_run',
-           'run', 'pick_device']
-
-
-# fit_one_cycle drives the momentum (0.95 -> 0.85 -> 0.95); fastai's SGD only keeps momentum if built with some
-OPTIMIZERS = {'adam': Adam, 'sgd': partial(SGD, mom=0.9, decouple_wd=False)}
-
-
-class RunError(ValueError):
-    """A run cannot start as asked; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """An assignment: its model spec, training-only augmentations, constraints and default hyperparameters."""
-    name: str
-    spec: str
-    augs: Sequence[A.BasicTransform]
-    constraints: Constraints
-    defaults: dict = field(default_factory=dict)
-    norm_defaults: dict = field(default_factory=dict)  # {norm: {setting: value}}: where a norm's defaults differ
-    tta: bool = False  # also report the test accuracy with flip test-time augmentation (never replaces the plain one)
-
-    def settings(self, norm: str) -> dict:
-        """Every run setting's default for `norm`: `RunConfig`'s, then the recipe's, then the norm's own."""
-        base = {f.name: f.default for f in fields(RunConfig) if f.name != 'recipe'}
-        return {**base, **self.defaults, **self.norm_defaults.get(norm, {}), 'norm': norm}
-
-
-@dataclass
-class RunConfig:
-    """Resolved settings of one run (saved as config.json)."""
-    recipe: str
-    norm: str = 'bn'
-    epochs: int = 20
-    bs: int = 128
-    opt: str = 'adam'  # a key of OPTIMIZERS
-    lr: float | str = 1e-2  # max learning rate of the one cycle, or 'find' for lr_find's valley
-    wd: float = 1e-2  # adam: decoupled (AdamW); sgd: L2 as in torch.optim.SGD; none on norm weights and biases
-    dropout: float = 0.
-    ws: bool = False  # weight-standardized convs
-    label_smoothing: float = 0.
-    seed: int = 42
-    workers: int | None = None
-    device: str = 'auto'
-    data: str | None = None
-    subset: int | None = None
-    out: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    outside_assignment: bool = False
-    spec: str | None = None  # the network; None: the recipe's SPEC
-
-
-# what a run trains, besides its spec (the other settings say where and how fast): a resumed run keeps them all
-RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'dropout', 'ws', 'seed', 'subset')
-
-
-def flag(name: str, value: object) -> str:
-    """The command-line option that sets setting `name` to `value` (`--ws` / `--no-ws` for booleans)."""
-    opt = name.replace('_', '-')
-    if isinstance(value, bool): return f'--{opt}' if value else f'--no-{opt}'
-    if isinstance(value, float): value = f'{value:g}' if float(f'{value:g}') == value else repr(value)  # :g keeps 6 digits
-    return f'--{opt} {value}'
+__all__ = ['build_model', 'build_learner', 'describe', 'run', 'pick_device']
 
 
 def pick_device(name: str) -> torch.device:
@@ -119,7 +52,8 @@ def pick_device(name: str) -> torch.device:
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise RunError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto")
     if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
-        raise RunError(f"--device {name} was asked for but {torch.cuda.device_count()} CUDA GPUs are visible (cuda:0 is the first)")
+        raise RunError(f"--device {name} was asked for but {torch.cuda.device_count()} CUDA GPUs are visible "
+                       "(cuda:0 is the first)")
     return device
 
 
@@ -127,14 +61,15 @@ def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
     """The recipe's network with `cfg`'s norm, dropout and seed, checked against the assignment's constraints."""
     make = partial(SpecNet, recipe.spec if cfg.spec is None else cfg.spec, cfg.norm, dropout=cfg.dropout, ws=cfg.ws)
     try:
-        with torch.device('meta'): probe = make()  # no weights yet: a --spec too big for memory is refused, not allocated
+        # no weights yet: a --spec too big for memory is refused, not allocated
+        with torch.device('meta'): probe = make()
     except ValueError as e:
         if cfg.spec is None: raise
         raise RunError(f'--spec: {e}') from None
     if not cfg.outside_assignment: recipe.constraints.check(probe, cfg.epochs)
     n = count_params(probe)  # --outside-assignment skips the budget: the weights may not fit in memory
     too_big = f"the network's {n:,} parameters do not fit in this machine's memory; narrow some layers"
-    if 4 * n > _memory_bytes(): raise RunError(too_big)
+    if 4 * n > memory_bytes(): raise RunError(too_big)
     set_seed(cfg.seed, reproducible=True)
     try: return make()
     except (MemoryError, RuntimeError) as e:  # what other processes left free was not enough
@@ -142,17 +77,12 @@ def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
         raise RunError(too_big) from None
 
 
-def _memory_bytes() -> float:
-    """The machine's physical memory (infinite where the OS does not say)."""
-    try: return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (AttributeError, ValueError, OSError): return math.inf
-
-
 def describe(recipe: Recipe, model: SpecNet) -> str:
     """Spec, parameter count and receptive-field table of `model` as text."""
     ws = ', weight-standardized convs' if model.ws else ''
     return (f'recipe {recipe.name}, norm {model.norm}{ws}\nspec: {model.spec}\nparameters: {count_params(model):,}\n'
-            f'receptive field (last layer before GAP): {total_rf(model.spec)}\n\n{rf_table(model.spec).to_string(index=False)}\n')
+            f'receptive field (last layer before GAP): {total_rf(model.spec)}\n\n'
+            f'{rf_table(model.spec).to_string(index=False)}\n')
 
 
 def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model: SpecNet | None = None,
@@ -161,76 +91,21 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
     device = pick_device(cfg.device)
     set_seed(cfg.seed, reproducible=True)
     model = build_model(recipe, cfg) if model is None else model
-    dls = cifar_dls(data_path or cifar10_path(cfg.data), recipe.augs, bs=cfg.bs, n_per_class=cfg.subset, workers=cfg.workers,
-                    device=device)
+    dls = cifar_dls(data_path or cifar10_path(cfg.data), recipe.augs, bs=cfg.bs, n_per_class=cfg.subset,
+                    workers=cfg.workers, device=device)
     if len(dls.train) == 0:  # fastai drops the last partial batch, and would fail later on an empty DataLoader
-        raise DataError(f'{len(dls.train_ds):,} training images make no full batch of {cfg.bs}; lower --bs or raise --subset')
+        raise DataError(f'{len(dls.train_ds):,} training images make no full batch of {cfg.bs}; '
+                        'lower --bs or raise --subset')
     if model.out_features != len(dls.vocab):
-        raise RunError(f"the network outputs {model.out_features:,} values per image but the data has {len(dls.vocab)} classes; "
+        raise RunError(f"the network outputs {model.out_features:,} values per image "
+                       f"but the data has {len(dls.vocab)} classes; "
                        f"end the spec with GAP and a head of {len(dls.vocab)} (e.g. 'GAP O')")
     loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing else CrossEntropyLossFlat()
-    learn = Learner(dls, model, opt_func=OPTIMIZERS[cfg.opt], loss_func=loss, metrics=accuracy, wd=cfg.wd, path=path, model_dir='checkpoints',
-                    cbs=[GroupNormLikeBN(), StopOnNaN(), FloatLosses()])
+    learn = Learner(dls, model, opt_func=OPTIMIZERS[cfg.opt], loss_func=loss, metrics=accuracy, wd=cfg.wd, path=path,
+                    model_dir='checkpoints', cbs=[GroupNormLikeBN(), StopOnNaN(), FloatLosses()])
     learn.recorder.train_metrics = True
     learn.to_channelslast(use_amp=device.type == 'cuda')  # channels_last is ~2x faster for these convs on CPU too
     return learn
-
-
-# what a run folder may hold: the files `run` writes, its checkpoints folder, logs kept beside them, and OS clutter
-RUN_FILES = {'config.json', 'summary.txt', 'history.csv', 'curves.png', 'misclassified.png', 'top_losses.png', 'confusion.png',
-             'metrics.json', 'model.pkl', 'model.pth', 'lr_find.png'}
-_CLUTTER = {'.DS_Store', 'Thumbs.db', '.ipynb_checkpoints'}
-
-
-def holds_run(out: Path) -> bool:
-    """Whether the folder `out` exists with anything in it."""
-    return out.is_dir() and any(out.iterdir())
-
-
-def _run_entry(p: Path) -> bool:
-    """Whether `p`, inside a folder, is something a run writes there (or a log or OS clutter beside it)."""
-    if p.name == 'checkpoints' and p.is_dir() and not p.is_symlink():  # EpochCheckpoint's and lr_find's files only
-        return all(c.name.startswith(('last.', '_tmp.')) and c.is_file() for c in p.iterdir())
-    return p.name in _CLUTTER or (p.is_file() and (p.name in RUN_FILES or p.suffix == '.log'))
-
-
-def _check_replaceable(out: Path) -> None:
-    """Refuse to let --overwrite delete a folder that is not a run (a parent of runs, a project, the current folder)."""
-    entries = list(out.iterdir())
-    others = sorted(p.name for p in entries if not _run_entry(p))
-    if out.is_symlink(): why = 'it is a symbolic link; pass the folder it points to'
-    elif others: why = f"it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
-    elif all(p.suffix == '.log' or p.name in _CLUTTER for p in entries): why = 'it holds only logs'
-    elif Path.cwd().resolve().is_relative_to(out.resolve()): why = 'it holds the current folder'
-    else: return
-    raise RunError(f"{out} is not a run folder ({why}); --overwrite replaces only a run: pass another --out")
-
-
-def _prepare_out(cfg: RunConfig, spec: str, fingerprint: dict) -> tuple[Path, dict]:
-    """The run folder, checked and made, and on --resume the config.json of the run it continues."""
-    out = Path(cfg.out or f'runs/{cfg.recipe}_{cfg.norm}')
-    if out.exists() and not out.is_dir(): raise RunError(f"{out} is a file, not a run folder; pass another --out")
-    if holds_run(out) and not (cfg.resume or cfg.overwrite):
-        raise RunError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
-    if cfg.resume and last_epoch(out / 'checkpoints') is None:
-        raise RunError(f"{out} has no checkpoint to resume from (no epoch finished); start it again with --overwrite")
-    prev = json.loads((out / 'config.json').read_text()) if cfg.resume else {}
-    if prev.get('spec', spec) != spec:
-        raise RunError(f"{out} holds a run of another network ({prev['spec']}); resume it with that --spec")
-    if prev.get('data_fingerprint', fingerprint) != fingerprint:
-        raise RunError(f"{out} was trained on {prev['data_name']} ({prev['data_path']}), not on the data given "
-                       f"({data_name(fingerprint)}); resume it with its own data")
-    if changed := [k for k in RUN_SETTINGS if k in prev and prev[k] != getattr(cfg, k)]:
-        was = ', '.join(flag(k, prev[k]) if prev[k] is not None else f"no --{k.replace('_', '-')}" for k in changed)
-        raise RunError(f"{out} was trained with {was}; resume it with the same settings, or start a new run in another --out")
-    if cfg.overwrite and not cfg.resume and holds_run(out):
-        _check_replaceable(out)
-        try: shutil.rmtree(out)
-        except OSError as e:
-            raise RunError(f"cannot remove {out} ({e.strerror or e}); remove it yourself or pass another --out") from None
-    try: out.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise RunError(f"cannot make the run folder {out} ({e.strerror}); pass another --out") from None
-    return out, prev
 
 
 def _versions() -> dict:
@@ -253,10 +128,11 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
     t0 = time.time()
     model = build_model(recipe, cfg) if model is None else model
     data_path = cifar10_path(cfg.data)
-    learn = build_learner(recipe, cfg, model=model, data_path=data_path)  # bad data, device or head fail before any output
+    # bad data, device or head fail before any output
+    learn = build_learner(recipe, cfg, model=model, data_path=data_path)
     fingerprint = data_fingerprint(data_path)
     data = dict(data_path=str(data_path), data_fingerprint=fingerprint, data_name=data_name(fingerprint))
-    out, prev = _prepare_out(cfg, model.spec, fingerprint)
+    out, prev = prepare_out(cfg, model.spec, fingerprint)
     if cfg.resume and (out / 'metrics.json').exists():  # finished: nothing to train, nothing to rewrite
         print(f'{out} is a finished run; nothing to resume')
         return json.loads((out / 'metrics.json').read_text())
@@ -277,7 +153,8 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
         plt.close('all')
     name = _device_name(device)
     earlier = prev.get('devices', [])
-    devices = earlier if earlier[-1:] == [name] else [*earlier, name]  # a run resumed elsewhere names each device in turn
+    # a run resumed elsewhere names each device in turn
+    devices = earlier if earlier[-1:] == [name] else [*earlier, name]
     config = dict(asdict(cfg), lr_used=lr, spec=model.spec, augs=[repr(a) for a in recipe.augs], **data,
                   classes=list(learn.dls.vocab), device_name=name, devices=devices, versions=_versions(), argv=sys.argv)
     atomic_write(out / 'config.json', json.dumps(config, indent=2))
@@ -292,7 +169,8 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
     plot_curves(history, title).savefig(out / 'curves.png', dpi=110, bbox_inches='tight')
     metrics = dict(recipe=recipe.name, norm=cfg.norm, params=count_params(model), rf=total_rf(model.spec),
                    epochs=int(history.epoch.iloc[-1]) + 1, train_accuracy=float(history.train_accuracy.iloc[-1]),
-                   **review(learn, out, title), epoch_seconds=int(_seconds(history.time).sum()), device=', then '.join(devices),
+                   **review(learn, out, title), epoch_seconds=int(_seconds(history.time).sum()),
+                   device=', then '.join(devices),
                    data=str(data_path), data_fingerprint=data['data_fingerprint'], data_name=data['data_name'],
                    subset=cfg.subset, outside_assignment=cfg.outside_assignment)
     if recipe.tta: metrics['flip_tta_test_accuracy'] = flip_tta_accuracy(learn)

@@ -6,14 +6,16 @@ import warnings
 from cifar_fa.cli import one_line_errors, positive
 from cifar_fa.runs import load_run, predict_image, review_run
 
-p = argparse.ArgumentParser(description=__doc__, epilog="RUN_DIR/model.pkl is a pickle and loading it runs code from it: "
-                            "review only run folders you trust, or pass --weights to load plain weights instead.")
+p = argparse.ArgumentParser(description=__doc__,
+                            epilog="RUN_DIR/model.pkl is a pickle and loading it runs code from it: review only run "
+                                   "folders you trust, or pass --weights to load plain weights instead.")
 p.add_argument('run_dir', help='a run folder (runs/... or results/...) holding model.pkl and config.json')
 p.add_argument('--k', type=positive(int), default=16, help='how many top losses to plot')
 p.add_argument('--data', help="CIFAR-10 folder or .tgz (default: the run's own data)")
 p.add_argument('--tta', action='store_true', help='also print the test accuracy with flip test-time augmentation')
 p.add_argument('--image', help='predict this one image and print the top-3 classes instead')
-p.add_argument('--weights', help='a .pth of plain weights (e.g. RUN_DIR/checkpoints/last.pth) to load instead of model.pkl')
+p.add_argument('--weights',
+               help='a .pth of plain weights (e.g. RUN_DIR/checkpoints/last.pth) to load instead of model.pkl')
 args = p.parse_args()
 warnings.formatwarning = lambda msg, *_, **__: f'warning: {msg}\n'  # one line, not the source line
 try:

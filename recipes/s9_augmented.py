@@ -12,9 +12,11 @@ SPEC = ('C1a:32 C1b:64 C1c:64/dw/s2 '
 
 AUGS = [
     A.HorizontalFlip(),
-    A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-15, 15), border_mode=4, strict=True),  # ShiftScaleRotate
+    # ShiftScaleRotate
+    A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-15, 15), border_mode=4, strict=True),
+    # cutout on half the images: one 16x16 hole of the mean colour
     A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16), hole_width_range=(16, 16),
-                    fill=CIFAR_MEAN_RGB, p=0.5, strict=True),  # cutout on half the images: one 16x16 hole of the mean colour
+                    fill=CIFAR_MEAN_RGB, p=0.5, strict=True),
 ]
 
 HPARAMS = dict(norm='bn', epochs=40, bs=128, opt='sgd', lr=0.1, wd=5e-4, label_smoothing=0.1)

@@ -76,7 +76,8 @@ def test_fastai_download_is_the_default(synth, monkeypatch):
     assert cifar10_path() == synth
     def offline(url): raise URLError(OSError(-2, 'Name or service not known'))
     monkeypatch.setattr(external, 'untar_data', offline)
-    with pytest.raises(DataError, match=r"could not download CIFAR-10 \(.*Name or service not known\); pass --data") as e: cifar10_path()
+    with pytest.raises(DataError, match=r"could not download CIFAR-10 \(.*Name or service not known\); "
+                                        r"pass --data") as e: cifar10_path()
     assert '\n' not in str(e.value)
 
 
@@ -140,13 +141,15 @@ def test_image_modes_become_rgb(synth, tmp_path):
     cls = root / 'train' / CLASSES[0]
     src = Image.open(cls / '0000.png')
     for mode in ('L', 'RGBA', 'P'): src.convert(mode).save(cls / f'm_{mode}.png')
-    for ext in ('png', 'pgm'): Image.fromarray(RAMP.astype(np.uint16) * 257).save(cls / f'm_16.{ext}')  # opens as I;16, I
+    # opens as I;16, I
+    for ext in ('png', 'pgm'): Image.fromarray(RAMP.astype(np.uint16) * 257).save(cls / f'm_16.{ext}')
     dls = cifar_dls(cifar10_path(root), bs=200, workers=0)
     x, y = dls.train.new(shuffle=False, drop_last=False).one_batch()
     assert x.shape[1:] == (3, 32, 32) and len(dls.train_ds) == 125
     get = DecodedImages(root)
     for f in (cls / 'm_16.png', cls / 'm_16.pgm'):
-        assert (get(f) == RAMP[..., None]).all() and (rgb_array(f) == RAMP[..., None]).all()  # scaled, not clipped to 255
+        # scaled, not clipped to 255
+        assert (get(f) == RAMP[..., None]).all() and (rgb_array(f) == RAMP[..., None]).all()
 
 
 def test_wrong_size_refused(synth, tmp_path):
@@ -155,7 +158,8 @@ def test_wrong_size_refused(synth, tmp_path):
     with pytest.raises(DataError, match='not 32x32 .*big.png.*resize'): cifar10_path(root)
     (root / 'test' / CLASSES[2] / 'big.png').unlink()
     Image.new('F', (32, 32)).save(root / 'test' / CLASSES[2] / 'float.tif')
-    with pytest.raises(DataError, match='float.tif holds F-mode pixels .* save it as an 8- or 16-bit image'): cifar10_path(root)
+    with pytest.raises(DataError, match='float.tif holds F-mode pixels .* save it as an 8- or 16-bit image'):
+        cifar10_path(root)
 
 
 def test_decoded_cache_reused_until_a_folder_changes(synth, tmp_path, monkeypatch):
@@ -205,7 +209,8 @@ def test_dataloaders_say_what_they_hold(synth):
 def test_rgb_array_takes_any_image(tmp_path):
     from cifar_fa.data import rgb_array
     Image.new('I;16', (48, 40)).save(tmp_path / 'odd.png')
-    for item in (tmp_path / 'odd.png', str(tmp_path / 'odd.png'), Image.new('RGBA', (20, 20)), np.zeros((32, 32), np.uint8)):
+    for item in (tmp_path / 'odd.png', str(tmp_path / 'odd.png'), Image.new('RGBA', (20, 20)),
+                 np.zeros((32, 32), np.uint8)):
         a = rgb_array(item)
         assert a.shape == (32, 32, 3) and a.dtype == np.uint8
     (tmp_path / 'bad.png').write_bytes(b'nope')
@@ -214,11 +219,13 @@ def test_rgb_array_takes_any_image(tmp_path):
     big_endian = Image.fromarray((RAMP.astype(np.uint16) * 257).astype('>u2'))
     assert big_endian.mode == 'I;16B' and (rgb_array(big_endian) == RAMP[..., None]).all()
     Image.new('F', (32, 32)).save(tmp_path / 'float.tif')
-    with pytest.raises(DataError, match='float.tif holds F-mode pixels that are not 16-bit'): rgb_array(tmp_path / 'float.tif')
+    with pytest.raises(DataError, match='float.tif holds F-mode pixels that are not 16-bit'):
+        rgb_array(tmp_path / 'float.tif')
 
 
 def _fastai_layout(src, dest):
-    """`src` as fastai's URLs.CIFAR archive lays it out: `<index>_<class>.png` in class folders, labels.txt at the top."""
+    """`src` as fastai's URLs.CIFAR archive lays it out: `<index>_<class>.png` in class folders, \
+labels.txt at the top."""
     for split in ('train', 'test'):
         for i, f in enumerate(sorted((src / split).glob('*/*.png'))):
             (dest / split / f.parent.name).mkdir(parents=True, exist_ok=True)

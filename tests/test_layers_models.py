@@ -21,13 +21,14 @@ from cifar_fa import (
     train,
 )
 from cifar_fa.callbacks import GroupNormLikeBN  # noqa: F401 (imported to fail early if the module breaks)
+from cifar_fa.config import RunError
 from cifar_fa.layers import WSConv2d
-from cifar_fa.train import RunError
 from recipes.s7_dilated_separable import RECIPE as S7
 from recipes.s8_norms import RECIPE as S8
 
 
-@pytest.mark.parametrize('name,cls,groups', [('bn', nn.BatchNorm2d, None), ('gn', nn.GroupNorm, 4), ('ln', nn.GroupNorm, 1)])
+@pytest.mark.parametrize('name,cls,groups', [('bn', nn.BatchNorm2d, None), ('gn', nn.GroupNorm, 4),
+                                             ('ln', nn.GroupNorm, 1)])
 def test_norm_factory(name, cls, groups):
     m = norm_layer(name)(24)
     assert type(m) is cls
@@ -72,7 +73,8 @@ def test_build_model_checks_the_budget_before_any_weight_exists(monkeypatch):
     model = build_model(S8, RunConfig('s8', norm='gn', ws=True))
     set_seed(42, reproducible=True)
     plain = SpecNet(S8.spec, 'gn', ws=True)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))  # seeded as before
+    # seeded as before
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
 
 
 def test_ws_conv_uses_standardized_filters():
@@ -80,7 +82,8 @@ def test_ws_conv_uses_standardized_filters():
     w = conv.weight.detach()
     std = (w - w.mean((1, 2, 3), keepdim=True)) / torch.sqrt(w.var((1, 2, 3), unbiased=False, keepdim=True) + 1e-5)
     torch.testing.assert_close(conv(x), F.conv2d(x, std, padding=1), rtol=1e-4, atol=1e-5)
-    with torch.no_grad(): conv.weight.mul_(torch.arange(1., 7.)[:, None, None, None]).add_(3.)  # per-filter scale and shift
+    # per-filter scale and shift
+    with torch.no_grad(): conv.weight.mul_(torch.arange(1., 7.)[:, None, None, None]).add_(3.)
     torch.testing.assert_close(conv(x), F.conv2d(x, std, padding=1), rtol=1e-3, atol=1e-4)
 
 
@@ -138,10 +141,12 @@ def test_fastai_tensor_types_stop_at_the_model():
 
 @pytest.mark.parametrize('spec,msg', [('C1 GAP C2', 'needs a width'), ('C1:8 X2:8', 'layers are'),
                                       ('C1:8 C2:8+C9 GAP C3', 'not an earlier layer'), ('C1:8 C1:8', 'repeats'),
-                                      (' ', 'empty'), ('C1:0', 'from 1 to'), ('C1:8/s0', 'from 1 to'), ('C1:8 GAP O:0', 'from 1 to'),
+                                      (' ', 'empty'), ('C1:0', 'from 1 to'), ('C1:8/s0', 'from 1 to'),
+                                      ('C1:8 GAP O:0', 'from 1 to'),
                                       ('C1:99999999999999999999', 'from 1 to 65,536'), ('C1:8/k65537', 'from 1 to'),
                                       ('C1:8 P1:8', 'P and GAP take no width'), ('C1:8 P1/s2', 'no /options'),
-                                      ('C1:8 GAP:4 O', 'P and GAP'), ('C1:8 GAP O/d2', 'the head takes a width but no /options'),
+                                      ('C1:8 GAP:4 O', 'P and GAP'),
+                                      ('C1:8 GAP O/d2', 'the head takes a width but no /options'),
                                       ('C1:8 P1+C1', r'P and GAP take no width, no /options and no \+SOURCE'),
                                       ('C1:8 P1+NOPE', r'no \+SOURCE'), ('C1:8 GAP+C1 O', r'no \+SOURCE'),
                                       ('C1:8 GAP O+GAP', r'the head takes a width but no /options and no \+SOURCE')])
@@ -151,7 +156,8 @@ def test_bad_specs(spec, msg):
 
 def test_out_features():
     assert SpecNet('C1:8 P1 GAP O').out_features == 10 and SpecNet('C1:8 GAP O:7').out_features == 7
-    assert SpecNet('C1:8 P1 C2:4').out_features == 4 * 16 * 16 == SpecNet('C1:8 P1 C2:4')(torch.zeros(1, 3, 32, 32)).shape[1]
+    assert (SpecNet('C1:8 P1 C2:4').out_features == 4 * 16 * 16
+            == SpecNet('C1:8 P1 C2:4')(torch.zeros(1, 3, 32, 32)).shape[1])
 
 
 @pytest.mark.parametrize('spec', ['C1:8 C2:16+C1 GAP C3', 'C1:8 P1 C2:8+C1 GAP C3'])  # channels, then map size

@@ -28,7 +28,8 @@ def test_dry_run():
     r = recipe('--norm', 'all', '--dry-run', '--data', '/nonexistent')  # loads no data
     assert r.returncode == 0, r.stderr
     summaries = r.stdout.split('SpecNet(')[1:]
-    assert len(summaries) == 3 and all('parameters: 49,162' in t and 'constraints: ok' in t and 'n_out' in t for t in summaries)
+    assert len(summaries) == 3 and all('parameters: 49,162' in t and 'constraints: ok' in t and 'n_out' in t
+                                       for t in summaries)
     assert ['GroupNorm' in t for t in summaries] == [False, True, True]  # bn, gn, ln
 
 
@@ -42,7 +43,8 @@ def test_spec_replaces_the_recipes_network():
     bad = recipe('--spec', 'C1:16 X', '--dry-run')
     assert bad.returncode == 2 and bad.stderr.startswith('error: --spec: spec token') and 'Traceback' not in bad.stderr
     shapes = recipe('--spec', NARROW.replace('C5:16+C3', 'C5:16+C2'), '--dry-run')  # C2 is 32x32, C5 16x16
-    assert shapes.returncode == 2 and shapes.stderr == 'error: --spec: spec layer C5 (16x16) cannot add C2 (32x32)\n', shapes.stderr
+    assert (shapes.returncode == 2
+            and shapes.stderr == 'error: --spec: spec layer C5 (16x16) cannot add C2 (32x32)\n'), shapes.stderr
     empty = recipe('--spec', '', '--dry-run')  # not the recipe's own network
     assert empty.returncode == 2 and empty.stderr == 'error: --spec: the spec is empty\n', empty.stderr
     wide = recipe('--spec', NARROW.replace(':16', ':64'), '--dry-run')  # the assignment's budget still applies
@@ -65,8 +67,10 @@ def test_resume_keeps_the_runs_settings(synth, tmp_path):
     assert recipe(*args).returncode == 0
     r = recipe(*args, '--resume', '--spec', NARROW)
     assert r.returncode == 2 and 'holds a run of another network' in r.stderr and 'Traceback' not in r.stderr, r.stderr
-    r = recipe(*args, '--resume', '--epochs', 2, '--lr', 0.05)  # a longer cycle would not be the run config.json records
-    assert r.returncode == 2 and r.stderr.startswith(f"error: {tmp_path / 'run'} was trained with --lr 0.1, --epochs 1; "), r.stderr
+    # a longer cycle would not be the run config.json records
+    r = recipe(*args, '--resume', '--epochs', 2, '--lr', 0.05)
+    assert (r.returncode == 2
+            and r.stderr.startswith(f"error: {tmp_path / 'run'} was trained with --lr 0.1, --epochs 1; ")), r.stderr
     metrics = (tmp_path / 'run' / 'metrics.json').read_text()
     r = recipe(*args, '--resume', '--workers', 1)  # where and how fast may change
     assert r.returncode == 0 and 'is a finished run; nothing to resume' in r.stdout, r.stderr
@@ -91,7 +95,8 @@ def test_sigterm_leaves_a_resumable_run(synth, tmp_path, workers, group):
     assert p.returncode == 130 and '--resume' in err and 'Traceback' not in err, err
     assert not (out / 'metrics.json').exists()
     cfg = json.loads((out / 'config.json').read_text())
-    (out / 'config.json').write_text(json.dumps({**cfg, 'device_name': 'GPU X', 'devices': ['GPU X']}))  # as if begun on another machine
+    # as if begun on another machine
+    (out / 'config.json').write_text(json.dumps({**cfg, 'device_name': 'GPU X', 'devices': ['GPU X']}))
     r = recipe(*args, '--out', out, '--resume')
     assert r.returncode == 0, r.stderr
     m = json.loads((out / 'metrics.json').read_text())
@@ -107,7 +112,8 @@ def test_sigterm_with_a_pending_sigchld_is_one_interrupt():
         signal.signal(signal.SIGTERM, _interrupt)
         both = {signal.SIGTERM, signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, both)
-        for sig in both:  # to this thread: torch's threads do not block them and would take a signal sent to the process
+        # to this thread: torch's threads do not block them and would take a signal sent to the process
+        for sig in both:
             signal.pthread_kill(threading.get_ident(), sig)
         try:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, both)  # both handlers run now, SIGTERM's first
@@ -117,11 +123,13 @@ def test_sigterm_with_a_pending_sigchld_is_one_interrupt():
         print('done')"""
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, 'PYTHONPATH': str(ROOT)})
-    assert r.returncode == 0 and r.stdout.split() == ['interrupted', 'done'] and 'Traceback' not in r.stderr, (r.stdout, r.stderr)
+    assert (r.returncode == 0 and r.stdout.split() == ['interrupted', 'done']
+            and 'Traceback' not in r.stderr), (r.stdout, r.stderr)
 
 
 def test_sigterm_during_a_loader_iterators_start_is_one_interrupt():
-    # SIGTERM inside _MultiProcessingDataLoaderIter.__init__ leaves the iterator half built, as `__new__` alone does here
+    # SIGTERM inside _MultiProcessingDataLoaderIter.__init__ leaves the iterator half built,
+    # as `__new__` alone does here
     code = """if True:
         import signal
         from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
@@ -139,7 +147,8 @@ def test_sigterm_during_a_loader_iterators_start_is_one_interrupt():
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, 'PYTHONPATH': str(ROOT)})
     assert r.returncode == 0 and r.stdout.split() == ['interrupted', 'done'], (r.stdout, r.stderr)
-    assert '_MultiProcessingDataLoaderIter' not in r.stderr and 'other cleanup errors are still reported' in r.stderr, r.stderr
+    assert ('_MultiProcessingDataLoaderIter' not in r.stderr
+            and 'other cleanup errors are still reported' in r.stderr), r.stderr
 
 
 def test_refused_memory_is_one_line_and_resumable(synth, tmp_path, monkeypatch, capsys):
@@ -180,12 +189,14 @@ def test_bad_input_one_line(args, msg, synth, tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
-@pytest.mark.parametrize('args', [['--norm', 'xx'], ['--epochs', 0], ['--bs', -4], ['--lr', 0], ['--lr', 'nan'], ['--lr', 'inf'],
-                                  ['--wd', -1], ['--dropout', 1], ['--label-smoothing', 1.5], ['--workers', -1], ['--seed', -1],
-                                  ['--seed', 2 ** 64], ['--seed', '9' * 400], ['--resume', '--overwrite']])
+@pytest.mark.parametrize('args', [['--norm', 'xx'], ['--epochs', 0], ['--bs', -4], ['--lr', 0], ['--lr', 'nan'],
+                                  ['--lr', 'inf'], ['--wd', -1], ['--dropout', 1], ['--label-smoothing', 1.5],
+                                  ['--workers', -1], ['--seed', -1], ['--seed', 2 ** 64], ['--seed', '9' * 400],
+                                  ['--resume', '--overwrite']])
 def test_bad_options_rejected(args):
     r = recipe(*args, '--dry-run')
-    assert r.returncode == 2 and 'Traceback' not in r.stderr and any(f'argument {a}: ' in r.stderr for a in args), r.stderr
+    assert (r.returncode == 2 and 'Traceback' not in r.stderr
+            and any(f'argument {a}: ' in r.stderr for a in args)), r.stderr
 
 
 @pytest.mark.skipif(not os.environ.get('CIFAR10_DIR'), reason='needs the real CIFAR-10 (set CIFAR10_DIR)')
@@ -196,7 +207,8 @@ def test_real_data_smoke(tmp_path):
     m = json.loads((out / 'metrics.json').read_text())
     assert m['n_test'] == 10_000 and m['subset'] == 100 and len(m['per_class_accuracy']) == 10
     h = pd.read_csv(out / 'history.csv')
-    assert len(h) == 2 and h.train_loss[1] < h.train_loss[0] and h.valid_loss.notna().all()  # too short to beat chance reliably
+    # too short to beat chance reliably
+    assert len(h) == 2 and h.train_loss[1] < h.train_loss[0] and h.valid_loss.notna().all()
 
 
 def test_norm_all_writes_comparison(synth, tmp_path):
@@ -208,10 +220,11 @@ def test_norm_all_writes_comparison(synth, tmp_path):
     assert '| [s8_ln]' in r.stdout  # the table is printed too
     assert '`recipes/s8_norms.py --norm gn --opt sgd --lr 0.1 --wd 0.0005 --bs 32 --epochs 1 ' in table
     shutil.rmtree(tmp_path / 's8_gn')  # as if interrupted before gn began ...
-    shutil.rmtree(tmp_path / 's8_ln' / 'checkpoints')  # ... or in ln's first epoch: config.json and history.csv written,
-    (tmp_path / 's8_ln' / 'metrics.json').unlink()  # no checkpoint
+    shutil.rmtree(tmp_path / 's8_ln' / 'checkpoints')  # ... or in ln's first epoch: config.json and history.csv
+    (tmp_path / 's8_ln' / 'metrics.json').unlink()  # written, no checkpoint
     bn_model = (tmp_path / 's8_bn' / 'model.pth').stat().st_mtime_ns
-    r = recipe('--norm', 'all', '--data', synth, '--epochs', 1, '--bs', 32, '--workers', 0, '--out', tmp_path, '--resume')
+    r = recipe('--norm', 'all', '--data', synth, '--epochs', 1, '--bs', 32, '--workers', 0, '--out', tmp_path,
+               '--resume')
     assert r.returncode == 0 and r.stdout.count('is a finished run; nothing to resume') == 1, r.stderr
     assert all((tmp_path / f's8_{n}' / 'metrics.json').exists() for n in ('gn', 'ln'))
     assert (tmp_path / 's8_bn' / 'model.pth').stat().st_mtime_ns == bn_model  # the finished norm is left as it was
@@ -221,7 +234,8 @@ def test_norm_all_writes_comparison(synth, tmp_path):
 def test_epoch_cap_override_is_explicit():
     assert recipe('--epochs', 21, '--dry-run').returncode == 2
     r = recipe('--epochs', 21, '--outside-assignment', '--dry-run')
-    assert r.returncode == 0 and 'constraints: not met, not enforced (--outside-assignment): --epochs 21 is above' in r.stdout
+    assert (r.returncode == 0
+            and 'constraints: not met, not enforced (--outside-assignment): --epochs 21 is above' in r.stdout)
     assert 'constraints: ok' not in r.stdout
     assert 'constraints: ok' in recipe('--outside-assignment', '--dry-run').stdout  # a model that meets them says so
 
@@ -239,7 +253,8 @@ def test_explore_notebook_runs(synth, monkeypatch):
                             resources={'metadata': {'path': str(ROOT / 'recipes')}}).execute()
     images = [o for c in nb.cells for o in c.get('outputs', []) if 'image/png' in o.get('data', {})]
     assert len(images) >= 4  # show_batch, lr_find, top losses, confusion matrix
-    assert 'valley' in ''.join(o['data'].get('text/plain', '') for c in nb.cells for o in c.get('outputs', []) if 'data' in o)
+    assert 'valley' in ''.join(o['data'].get('text/plain', '') for c in nb.cells for o in c.get('outputs', [])
+                               if 'data' in o)
 
 
 def test_norm_defaults_apply_unless_the_option_is_given():
@@ -253,9 +268,11 @@ def test_norm_defaults_apply_unless_the_option_is_given():
     assert config_from_args(rec, ['--norm', 'bn']).bs == bs
     assert [config_from_args(rec, ['--norm', 'all', '--lr', '0.2'], norm=n).lr for n in ('bn', 'gn')] == [0.2, 0.2]
     assert config_from_args(rec, ['--norm', 'all'], norm='gn').bs == 64 == rec.settings('gn')['bs']
-    s8 = importlib.import_module('recipes.s8_norms').RECIPE  # the published gn and ln runs: standardized convs; ln: batches of 64
+    # the published gn and ln runs: standardized convs; ln: batches of 64
+    s8 = importlib.import_module('recipes.s8_norms').RECIPE
     assert [config_from_args(s8, ['--norm', n]).ws for n in ('bn', 'gn', 'ln')] == [False, True, True]
-    assert not config_from_args(s8, ['--norm', 'ln', '--no-ws']).ws and config_from_args(s8, ['--norm', 'bn', '--ws']).ws
+    assert (not config_from_args(s8, ['--norm', 'ln', '--no-ws']).ws
+            and config_from_args(s8, ['--norm', 'bn', '--ws']).ws)
     assert [config_from_args(s8, ['--norm', n]).bs for n in ('bn', 'gn', 'ln')] == [128, 128, 64]  # as published
 
 
@@ -275,7 +292,8 @@ def test_no_network_call_on_import(script):
 @pytest.mark.parametrize('module,params', [('s7_dilated_separable', '949,642'), ('s9_augmented', '196,106')])
 def test_s7_s9_dry_run(module, params, capsys):
     from cifar_fa import main
-    main(importlib.import_module(f'recipes.{module}').RECIPE, ['--norm', 'all', '--dry-run'])  # every norm, in this process
+    # every norm, in this process
+    main(importlib.import_module(f'recipes.{module}').RECIPE, ['--norm', 'all', '--dry-run'])
     out = capsys.readouterr().out
     assert out.count(f'parameters: {params}') == 3 and out.count('constraints: ok') == 3
 
@@ -314,8 +332,10 @@ def test_benchmark_runs_on_a_tiny_input(synth):
 
 
 @pytest.mark.parametrize('args,msg', [
-    (['--batches', 0], 'argument --batches: must be positive'), (['--repeats', 0], 'argument --repeats: must be positive'),
-    (['--workers', -1], 'argument --workers: must be zero or more'), (['--data', '/no/such/dir'], 'error: /no/such/dir does not exist'),
+    (['--batches', 0], 'argument --batches: must be positive'),
+    (['--repeats', 0], 'argument --repeats: must be positive'),
+    (['--workers', -1], 'argument --workers: must be zero or more'),
+    (['--data', '/no/such/dir'], 'error: /no/such/dir does not exist'),
     (['--device', 'tpu'], 'error: --device tpu is not one'),
     (['--batches', 15], 'error: --batches 15 needs 16 training batches of 8 (one warms up), but'),  # synth holds 15
 ])

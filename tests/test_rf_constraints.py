@@ -29,7 +29,8 @@ def test_map_shrunk_to_nothing_refused():
 
 
 def test_taps_past_the_map_refused():
-    rf_table('C1a:16 P1 C2a:16 P2 C3a:16 P3 C4a:16/dw/d3 C4b:16/k7 GAP O')  # 4x4 map: d3 and k7 still pair the edge pixels
+    # 4x4 map: d3 and k7 still pair the edge pixels
+    rf_table('C1a:16 P1 C2a:16 P2 C3a:16 P3 C4a:16/dw/d3 C4b:16/k7 GAP O')
     for opts, reach in [('/d4', 4), ('/d40', 40), ('/k5/d3', 6), ('/k9', 4)]:
         with pytest.raises(ValueError, match=f'C4a: its outer taps reach {reach} pixels from the centre of a 4x4 map'):
             rf_table(f'C1a:16 P1 C2a:16 P2 C3a:16 P3 C4a:16/dw{opts} GAP O')
@@ -56,13 +57,16 @@ def test_1x1_convs_are_neither_dilated_nor_separable(spec, need):
         Constraints(need_dilated=need == 'dilated', need_separable=need != 'dilated').check(SpecNet(spec, 'bn'))
 
 
-@pytest.mark.parametrize('change,msg', [(('C1:16', 'C1:16/k1'), 'layer C1 has /k1'), (('C2:32', 'C2:32/s2'), 'layer C2 has /s2'),
-                                        (('c3:16', 'c3:16/k3'), 'layer c3 has /k3'), (('C3:24', 'C3:24/d2'), 'layer C3 has /d2'),
+@pytest.mark.parametrize('change,msg', [(('C1:16', 'C1:16/k1'), 'layer C1 has /k1'),
+                                        (('C2:32', 'C2:32/s2'), 'layer C2 has /s2'),
+                                        (('c3:16', 'c3:16/k3'), 'layer c3 has /k3'),
+                                        (('C3:24', 'C3:24/d2'), 'layer C3 has /d2'),
                                         (('C4:24', 'C4:24/dw/k5'), 'layer C4 has /k5/dw')])
 def test_skeleton_takes_plain_layers(change, msg):
     with pytest.raises(ConstraintError, match=msg + ", but the skeleton's layers take no /options"):
         S8.constraints.check(SpecNet(S8.spec.replace(*change), 'bn'))
-    S8.constraints.check(SpecNet(S8.spec.replace('C1:16', 'C1:16/k3').replace('c3:16', 'c3:16/k1'), 'bn'))  # the letter's own kernel
+    # the letter's own kernel
+    S8.constraints.check(SpecNet(S8.spec.replace('C1:16', 'C1:16/k3').replace('c3:16', 'c3:16/k1'), 'bn'))
 
 
 def test_constraints_pass():

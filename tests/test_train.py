@@ -16,10 +16,10 @@ from fastai.learner import load_learner
 from PIL import Image
 
 from cifar_fa import RunConfig, build_learner, run
+from cifar_fa.config import RunError
 from cifar_fa.data import DataError, data_fingerprint
 from cifar_fa.report import results_table
 from cifar_fa.runs import load_run, review_run
-from cifar_fa.train import RunError
 from recipes.s8_norms import RECIPE as S8
 
 ARTIFACTS = ['config.json', 'summary.txt', 'history.csv', 'curves.png', 'misclassified.png', 'top_losses.png',
@@ -29,7 +29,8 @@ ARTIFACTS = ['config.json', 'summary.txt', 'history.csv', 'curves.png', 'misclas
 @pytest.fixture(scope='module')
 def trained(synth, tmp_path_factory):
     """A short real training on the synthetic set, with its run folder."""
-    out = tmp_path_factory.mktemp('run') / 's8_bn'  # bn: per-sample norms erase the flat colours that tell these classes apart
+    # bn: per-sample norms erase the flat colours that tell these classes apart
+    out = tmp_path_factory.mktemp('run') / 's8_bn'
     cfg = RunConfig('s8', norm='bn', epochs=4, bs=16, lr=1e-2, workers=0, device='cpu', data=str(synth), out=str(out))
     return run(replace(S8, tta=True), cfg), out
 
@@ -54,7 +55,8 @@ def test_run_folder_complete(trained):
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['norm'] == 'bn' and cfg['seed'] == 42 and 'torch' in cfg['versions']
     fp = data_fingerprint(Path(cfg['data_path']))  # of the full splits: the same with --subset
-    assert m['data_fingerprint'] == cfg['data_fingerprint'] == fp and m['data_name'] == f"other data ({fp['train'][:8]})"
+    assert (m['data_fingerprint'] == cfg['data_fingerprint'] == fp
+            and m['data_name'] == f"other data ({fp['train'][:8]})")
     summary = (out / 'summary.txt').read_text()
     assert 'receptive field' in summary and 'jump' in summary and f"{m['params']:,}" in summary
 
@@ -88,7 +90,8 @@ def test_flip_tta_blends_plain_and_mirrored_predictions(trained, synth):
     learn = build_learner(S8, RunConfig('s8', norm='bn', bs=16, workers=0, device='cpu', data=str(synth)))
     learn.load((out / 'model').resolve())
     torch.manual_seed(0)
-    for w in learn.model.parameters(): w.data += torch.randn_like(w)  # so that mirrored images get clearly other predictions
+    # so that mirrored images get clearly other predictions
+    for w in learn.model.parameters(): w.data += torch.randn_like(w)
     probs, targs = flip_tta(learn)
     plain, plain_targs = learn.get_preds()
     learn.model.eval()
@@ -130,7 +133,8 @@ def test_interrupted_run_resumes_to_the_same_history(synth, tmp_path, monkeypatc
     with pytest.raises(RunError, match=r"was trained on other data \(.*\), not on the data given \(other data"):
         run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **{**kw, 'data': str(other)}))
     row = results_table([tmp_path / 'cut']).splitlines()[-1]
-    assert resumed['resumed'] and f"{resumed['epoch_seconds'] / 60:.1f} min of epochs (" in row and 'resumed invocation' in row
+    assert (resumed['resumed'] and f"{resumed['epoch_seconds'] / 60:.1f} min of epochs (" in row
+            and 'resumed invocation' in row)
 
 
 def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(synth, tmp_path, monkeypatch):
@@ -141,14 +145,16 @@ def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(synth, tmp_path, monk
         replace_file(src, dst)
         if Path(dst).name == 'last.pth':
             weights_saved.append(dst)
-            if len(weights_saved) == 2: signal.raise_signal(signal.SIGINT)  # epoch 1's weights are in place, its number not yet
+            # epoch 1's weights are in place, its number not yet
+            if len(weights_saved) == 2: signal.raise_signal(signal.SIGINT)
 
     kw = dict(norm='bn', epochs=3, bs=16, lr=1e-2, workers=0, device='cpu', data=str(synth), subset=4)
     full = run(S8, RunConfig('s8', out=str(tmp_path / 'full'), **kw))
     monkeypatch.setattr(cbs.os, 'replace', ctrl_c_between_the_two_files)
     with pytest.raises(KeyboardInterrupt): run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), **kw))
     monkeypatch.setattr(cbs.os, 'replace', replace_file)
-    assert json.loads((tmp_path / 'cut' / 'checkpoints' / 'last.json').read_text())['epoch'] == 1  # not 0 beside epoch 1's weights
+    # not 0 beside epoch 1's weights
+    assert json.loads((tmp_path / 'cut' / 'checkpoints' / 'last.json').read_text())['epoch'] == 1
     resumed = run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **kw))
     h_full, h_cut = (pd.read_csv(tmp_path / d / 'history.csv') for d in ('full', 'cut'))
     pd.testing.assert_frame_equal(h_full.drop(columns='time'), h_cut.drop(columns='time'))
@@ -166,9 +172,10 @@ def test_run_stopped_before_its_first_epoch_restarts_with_overwrite(synth, tmp_p
 
 
 def test_flag_spells_every_digit():
-    from cifar_fa.train import flag
-    assert [flag('lr', 0.1234567), flag('wd', 1.23456789e-4), flag('dropout', 0.), flag('wd', 5e-4), flag('ws', False)] == [
-        '--lr 0.1234567', '--wd 0.000123456789', '--dropout 0', '--wd 0.0005', '--no-ws']  # the results table's commands
+    from cifar_fa.config import flag
+    # the results table's commands
+    assert [flag('lr', 0.1234567), flag('wd', 1.23456789e-4), flag('dropout', 0.), flag('wd', 5e-4),
+            flag('ws', False)] == ['--lr 0.1234567', '--wd 0.000123456789', '--dropout 0', '--wd 0.0005', '--no-ws']
 
 
 def _touch(f: Path) -> None:
@@ -180,7 +187,8 @@ def test_overwrite_replaces_only_a_run_folder(synth, tmp_path, monkeypatch):
     kw = dict(epochs=1, bs=16, workers=0, device='cpu', data=str(synth), subset=2, overwrite=True)
     (tmp_path / 'runs' / 's8_bn').mkdir(parents=True)
     (tmp_path / 'runs' / 's8_bn' / 'config.json').write_text('{}')
-    with pytest.raises(RunError, match=r'runs is not a run folder \(it holds s8_bn\)'):  # --out runs, meant for --norm all
+    # --out runs, meant for --norm all
+    with pytest.raises(RunError, match=r'runs is not a run folder \(it holds s8_bn\)'):
         run(S8, RunConfig('s8', out=str(tmp_path / 'runs'), **kw))
     (tmp_path / 'notes.txt').touch()
     monkeypatch.chdir(tmp_path / 'runs' / 's8_bn')
@@ -191,18 +199,20 @@ def test_overwrite_replaces_only_a_run_folder(synth, tmp_path, monkeypatch):
                              ('dirlog', ['config.json', 'data.log/keep.csv'], 'it holds data.log'),
                              ('foreign', ['config.json', 'checkpoints/best.pt'], 'it holds checkpoints')]:
         for f in files: _touch(tmp_path / name / f)
-        with pytest.raises(RunError, match=f'{name} is not a run folder \\({why}'): run(S8, RunConfig('s8', out=name, **kw))
+        with pytest.raises(RunError, match=f'{name} is not a run folder \\({why}'):
+            run(S8, RunConfig('s8', out=name, **kw))
         assert all((tmp_path / name / f).exists() for f in files)
     (tmp_path / 'link').symlink_to(tmp_path / 'runs' / 's8_bn')
     with pytest.raises(RunError, match='it is a symbolic link'): run(S8, RunConfig('s8', out='link', **kw))
     for f in ('train.log', '.DS_Store', 'checkpoints/last.pth', 'checkpoints/_tmp.pth'):
         _touch(tmp_path / 'runs' / 's8_bn' / f)
-    assert run(S8, RunConfig('s8', out='runs/s8_bn', **kw))['epochs'] == 1  # a run folder (logs and clutter beside it) is replaced
+    # a run folder (logs and clutter beside it) is replaced
+    assert run(S8, RunConfig('s8', out='runs/s8_bn', **kw))['epochs'] == 1
 
 
 def test_lr_find_picks_valley_and_saves_plot(synth, tmp_path):
-    m = run(S8, RunConfig('s8', norm='gn', ws=True, epochs=1, bs=16, lr='find', workers=0, device='cpu', data=str(synth),
-                          out=str(tmp_path / 'run')))
+    m = run(S8, RunConfig('s8', norm='gn', ws=True, epochs=1, bs=16, lr='find', workers=0, device='cpu',
+                          data=str(synth), out=str(tmp_path / 'run')))
     cfg = json.loads((tmp_path / 'run' / 'config.json').read_text())
     assert cfg['ws'] and 'weight-standardized' in (tmp_path / 'run' / 'summary.txt').read_text()
     assert any(type(mod).__name__ == 'WSConv2d' for mod in load_learner(tmp_path / 'run' / 'model.pkl').model.modules())
@@ -215,23 +225,27 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     _, out = trained
     readme = tmp_path / 'README.md'
     readme.write_text(f'# x\n{BEGIN}\nold\n{END}\ntail\n')
-    r = subprocess.run([sys.executable, '-m', 'cifar_fa.report', '--readme', str(readme), str(out)], capture_output=True,
-                       text=True, env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    r = subprocess.run([sys.executable, '-m', 'cifar_fa.report', '--readme', str(readme), str(out)],
+                       capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(ROOT)})
     assert r.returncode == 0 and 'Warning' not in r.stderr, r.stderr  # the README's command, without runpy's warning
     text = readme.read_text()
     acc = json.loads((out / 'metrics.json').read_text())['test_accuracy']
     assert 'old' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')
-    assert '| data |' in text and f"` | other data ({json.loads((out / 'metrics.json').read_text())['data_fingerprint']['train'][:8]}) |" in text
+    assert '| data |' in text and (
+        f"` | other data ({json.loads((out / 'metrics.json').read_text())['data_fingerprint']['train'][:8]}) |" in text)
     # the README's commands name what differs from the recipe's defaults; --full-commands spells out every setting
-    assert '`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0` |' in text
+    assert ('`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 '
+            '--label-smoothing 0` |') in text
     full = results_table([out], full_commands=True)
-    assert '`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 --dropout 0 --no-ws ' \
-           '--seed 42` |' in full
-    assert f'[{out.name}]({Path(os.path.relpath(out, tmp_path)).as_posix()}/)' in text  # linked from the README's folder
+    assert ('`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 '
+            '--dropout 0 --no-ws --seed 42` |') in full
+    # linked from the README's folder
+    assert f'[{out.name}]({Path(os.path.relpath(out, tmp_path)).as_posix()}/)' in text
     assert "not the recipe file's" not in text
     r = subprocess.run([sys.executable, '-m', 'cifar_fa.report', '--readme', str(readme), str(out), str(tmp_path)],
                        capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(ROOT)})
-    assert r.returncode == 2 and r.stderr == f'error: {tmp_path}: no metrics.json, not a finished run folder\n', r.stderr
+    assert (r.returncode == 2
+            and r.stderr == f'error: {tmp_path}: no metrics.json, not a finished run folder\n'), r.stderr
     assert readme.read_text() == text
     trial = tmp_path / 'trial'
     trial.mkdir()
@@ -245,7 +259,8 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     fig = comparison_figure([out], 'one run')
     assert fig.axes[0].get_legend_handles_labels()[1] == [f'{out.name}: bn, bs 16 ({100 * acc:.2f} %)']
     write_comparison([out], tmp_path / 'cmp_lr0.01', 'one run')
-    assert '![test accuracy](cmp_lr0.01.png)' in (tmp_path / 'cmp_lr0.01.md').read_text() and (tmp_path / 'cmp_lr0.01.png').exists()
+    assert ('![test accuracy](cmp_lr0.01.png)' in (tmp_path / 'cmp_lr0.01.md').read_text()
+            and (tmp_path / 'cmp_lr0.01.png').exists())
 
 
 def test_review_script(trained, synth, tmp_path):
@@ -268,11 +283,13 @@ def test_review_script(trained, synth, tmp_path):
     fewer = shutil.copytree(synth, tmp_path / 'fewer')
     next((fewer / 'test' / CLASSES[0]).iterdir()).unlink()
     r = subprocess.run([*review, '--k', '4', '--data', str(fewer)], capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and r.stderr.startswith('warning: ') and 'is not the one this run was measured on' in r.stderr, r.stderr
+    assert (r.returncode == 0 and r.stderr.startswith('warning: ')
+            and 'is not the one this run was measured on' in r.stderr), r.stderr
     r = subprocess.run([*review, '--k', '0'], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and 'argument --k: must be positive' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     r = subprocess.run([*review[:2], str(tmp_path)], capture_output=True, text=True, env=env)  # not a run folder
-    assert r.returncode == 2 and r.stderr.startswith(f"error: {tmp_path / 'config.json'} does not exist; pass a finished run"), r.stderr
+    assert (r.returncode == 2
+            and r.stderr.startswith(f"error: {tmp_path / 'config.json'} does not exist; pass a finished run")), r.stderr
 
 
 def test_review_finds_the_data_or_says_why(trained, synth, tmp_path, monkeypatch):
@@ -296,7 +313,8 @@ def test_review_finds_the_data_or_says_why(trained, synth, tmp_path, monkeypatch
 
 def test_plain_weights_rebuild_the_runs_network(synth, tmp_path):
     out = tmp_path / 'gn'
-    run(S8, RunConfig('s8', norm='gn', ws=True, epochs=1, bs=16, workers=0, device='cpu', data=str(synth), out=str(out)))
+    run(S8, RunConfig('s8', norm='gn', ws=True, epochs=1, bs=16, workers=0, device='cpu', data=str(synth),
+                      out=str(out)))
     pickled, rebuilt = load_run(out).model.eval(), load_run(out, weights=out / 'model.pth').model.eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(rebuilt(x), pickled(x))  # a plain conv with the same weights would load without error
@@ -312,7 +330,8 @@ def test_a_cpu_run_on_a_gpu_machine_leaves_the_gpus_alone(synth, monkeypatch):
 
 
 def test_sgd_keeps_momentum_and_uses_l2(synth):
-    cfg = RunConfig('s8', norm='bn', opt='sgd', lr=0.1, wd=5e-4, bs=16, workers=0, device='cpu', data=str(synth), subset=2)
+    cfg = RunConfig('s8', norm='bn', opt='sgd', lr=0.1, wd=5e-4, bs=16, workers=0, device='cpu', data=str(synth),
+                    subset=2)
     learn = build_learner(S8, cfg)
     learn.fit_one_cycle(1, cfg.lr)
     conv = next(m.weight for m in learn.model.modules() if isinstance(m, nn.Conv2d))
@@ -331,7 +350,8 @@ def test_recorder_keeps_cpu_training_losses_as_floats(synth):
     learn = build_learner(S8, RunConfig('s8', bs=4, workers=0, device='cpu', data=str(synth), subset=2))
     learn.fit(2, 1e-3)
     losses = learn.recorder.losses
-    assert len(losses) == 2 * len(learn.dls.train) and all(type(v) is float for v in losses)  # fastai keeps 0-dim tensors
+    # fastai keeps 0-dim tensors
+    assert len(losses) == 2 * len(learn.dls.train) and all(type(v) is float for v in losses)
     assert losses[-1] == pytest.approx(float(learn.recorder.smooth_loss.value))
     learn.recorder.plot_loss(skip_start=0)
 
@@ -340,7 +360,8 @@ def test_recorder_keeps_cpu_training_losses_as_floats(synth):
 def test_committed_learner_loads(run_dir):
     learn = load_learner(ROOT / 'results' / run_dir / 'model.pkl')  # breaks when a pickled library class is renamed
     m = json.loads((ROOT / 'results' / run_dir / 'metrics.json').read_text())
-    assert sum(p.numel() for p in learn.model.parameters()) == m['params'] and list(learn.dls.vocab) == list(m['per_class_accuracy'])
+    assert (sum(p.numel() for p in learn.model.parameters()) == m['params']
+            and list(learn.dls.vocab) == list(m['per_class_accuracy']))
     if (ROOT / 'results' / run_dir / 'model.pth').exists():  # the one --weights example: the same weights as model.pkl
         weights = torch.load(ROOT / 'results' / run_dir / 'model.pth', map_location='cpu')
         assert weights.keys() == learn.model.state_dict().keys()

@@ -2,13 +2,15 @@
 import argparse
 import time
 
+# cifar_fa before fastai: it filters the deprecation warning fastai's import raises (hence I001 off for this file)
+from cifar_fa.callbacks import FloatLosses, PlainProgress
+from cifar_fa.cli import one_line_errors, positive
+from cifar_fa.config import RunConfig
+from cifar_fa.registry import get_recipe
+from cifar_fa.train import build_learner
+
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
-
-from cifar_fa.callbacks import FloatLosses, PlainProgress  # before fastai: cifar_fa quiets fastai's import warnings
-from cifar_fa.cli import one_line_errors, positive
-from cifar_fa.registry import get_recipe
-from cifar_fa.train import RunConfig, build_learner
 
 RECIPE = get_recipe('s9')
 

@@ -1,0 +1,77 @@
+"""What the operating system can do to a run, handled in one place: signals, memory refused, files half written."""
+from __future__ import annotations
+
+import errno
+import math
+import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ['atomic_write', 'interrupts_held', 'memory_bytes', 'stop_on_sigterm', 'stop_requested', 'memory_refused']
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block has run, then deliver them."""
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, sigs):
+        yield  # handlers can only be set from the main thread, and only restored if Python set them
+        return
+    got = []
+    old = {s: signal.signal(s, lambda n, _: got.append(n)) for s in sigs}
+    try: yield
+    finally:
+        for s, handler in old.items(): signal.signal(s, handler)
+        if got: signal.raise_signal(got[0])
+
+
+def memory_bytes() -> float:
+    """The machine's physical memory (infinite where the OS does not say)."""
+    try: return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (AttributeError, ValueError, OSError): return math.inf
+
+
+def _ignore_signal(signum, frame): pass
+
+
+def _quiet_half_built_loader(unraisable) -> None:
+    # an interrupt inside a DataLoader iterator's __init__ leaves it half built; its __del__ then fails on a missing
+    # attribute after its `finally` has stopped the workers, and that report would follow the one-line interrupt
+    if getattr(unraisable.object, '__qualname__', '') != '_MultiProcessingDataLoaderIter.__del__':
+        sys.__unraisablehook__(unraisable)
+
+
+def _interrupt(signum, frame):
+    # `pkill -f` or a cluster's scheduler signals the DataLoader workers too: torch's SIGCHLD handler would then
+    # report their deaths as a second error while the interrupt unwinds. A Python no-op, not SIG_DFL: a SIGCHLD
+    # already pending would otherwise surface as "OSError: Signal 17 ignored due to race condition"
+    signal.signal(signal.SIGCHLD, _ignore_signal)
+    sys.unraisablehook = _quiet_half_built_loader
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, a job scheduler) stop the run like Ctrl-C, keeping its checkpoints."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def stop_requested(e: BaseException) -> bool:
+    """Whether `e` is Ctrl-C or SIGTERM, or torch reporting workers that SIGTERM stopped (before `_interrupt` ran)."""
+    return (isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt)
+            or 'killed by signal: Terminated' in str(e))
+
+
+def memory_refused(e: BaseException) -> bool:
+    """Whether `e` is the OS refusing memory (e.g. forking DataLoader workers when the process outgrew the machine)."""
+    return isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM)
