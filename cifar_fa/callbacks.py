@@ -51,15 +51,15 @@ class DivergedError(RuntimeError):
 
 
 class StopOnNaN(TerminateOnNaNCallback):
-    """fastai's `TerminateOnNaNCallback`, but the run stops with `DivergedError` (one line, exit status 2, nothing
-    exported) instead of `fit` ending as if it had finished."""
+    """fastai's `TerminateOnNaNCallback` on training batches, but the run stops with `DivergedError` (one line, exit
+    status 2, nothing exported) instead of `fit` ending as if it had finished."""
 
     def after_batch(self):
+        if not self.training: return  # get_preds(with_loss=True) gives one loss per image
         try: super().after_batch()
         except CancelFitException:
-            raise DivergedError(f"the {'training' if self.training else 'test'} loss became {self.loss.item()} "
-                                f"in epoch {self.epoch}; the learning rate is too high: "
-                                "lower --lr (or use --lr find)") from None
+            raise DivergedError(f"the training loss became {self.loss.item()} in epoch {self.epoch}; "
+                                "the learning rate is too high: lower --lr (or use --lr find)") from None
 
 
 class PlainProgress(Callback):
