@@ -90,6 +90,9 @@ def parser(recipe: Recipe, given_only: bool = False) -> argparse.ArgumentParser:
                         "recipe's SPEC; the assignment's constraints still apply")
     p.add_argument('--subset', type=positive(int), default=d['subset'],
                    help='use N training images per class (quick looks)')
+    p.add_argument('--holdout', type=positive(int), default=d['holdout'], metavar='N',
+                   help='validate on N training images (the same N for every run: for choosing settings) instead of '
+                        'the test split, which the run then never reads')
     p.add_argument('--out', default=d['out'],
                    help="run folder (default runs/<recipe>_<norm>); with --norm all, the folder "
                         "that holds one per norm and the comparison (default runs)")

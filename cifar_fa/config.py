@@ -56,6 +56,7 @@ class RunConfig:
     device: str = 'auto'
     data: str | None = None
     subset: int | None = None
+    holdout: int | None = None  # validate on this many training images (`holdout_files`), not on the test split
     out: str | None = None
     resume: bool = False
     overwrite: bool = False
@@ -64,7 +65,8 @@ class RunConfig:
 
 
 # what a run trains, besides its spec (the other settings say where and how fast): a resumed run keeps them all
-RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'dropout', 'ws', 'seed', 'subset')
+RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'dropout', 'ws', 'seed', 'subset',
+                'holdout')
 
 
 def flag(name: str, value: object) -> str:

@@ -16,7 +16,7 @@ import torch
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.load import fa_collate
-from fastai.data.transforms import GrandparentSplitter, IntToFloatTensor, image_extensions, parent_label
+from fastai.data.transforms import FuncSplitter, GrandparentSplitter, IntToFloatTensor, image_extensions, parent_label
 from fastai.torch_core import TensorImage
 from fastai.vision.augment import Normalize
 from fastai.vision.core import load_image
@@ -28,7 +28,7 @@ from .system import atomic_write
 
 __all__ = ['DataError', 'CIFAR_STATS', 'CIFAR_MEAN_RGB', 'KNOWN_COPIES', 'cifar10_path', 'extract_archive',
            'check_layout', 'image_files', 'data_fingerprint', 'data_name', 'DecodedImages', 'AlbumentationsTransform',
-           'CifarDataLoaders', 'cifar_block', 'cifar_dls', 'cache_dir']
+           'CifarDataLoaders', 'cifar_block', 'cifar_dls', 'cache_dir', 'HOLDOUT_SEED', 'holdout_files']
 
 IMAGE_EXTS = set(image_extensions)
 CIFAR_STATS = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])  # per-channel mean, std of the training split
@@ -308,25 +308,44 @@ def ArrayImageBlock() -> TransformBlock:
     return TransformBlock(type_tfms=rgb_array, batch_tfms=IntToFloatTensor, dl_type=ArrayImageDL)
 
 
-def _subset_items(n_per_class: int | None):
+HOLDOUT_SEED = 0  # every --holdout run holds out the same images, whatever its --seed: trials compare on one set
+
+
+def holdout_files(files: Sequence[Path], n: int) -> set[Path]:
+    """`n` training images of `files`, the same number from each class, drawn with `HOLDOUT_SEED`."""
+    by_class: dict[str, list[Path]] = {}
+    for f in sorted(f for f in files if f.parent.parent.name == 'train'):
+        by_class.setdefault(f.parent.name, []).append(f)
+    k, smallest = n // len(by_class), min(map(len, by_class.values()))
+    if not 0 < k < smallest:
+        raise DataError(f'--holdout {n} takes {k} images from each of {len(by_class)} classes; take from 1 to '
+                        f'{smallest - 1} per class, i.e. --holdout {len(by_class)} to {(smallest - 1) * len(by_class)}')
+    rng = random.Random(HOLDOUT_SEED)
+    return {f for fs in by_class.values() for f in rng.sample(fs, k)}
+
+
+def _items(n_per_class: int | None, held: set[Path] | None):
+    """`get_items`: the train and test images, or with `held` the training images only (`held` among them);
+    `n_per_class` limits the images trained on."""
     def get_items(path: Path) -> list[Path]:
-        files = image_files(path)
-        if n_per_class is None: return files
         keep, seen = [], {}
-        for f in files:
-            key = (f.parent.parent.name, f.parent.name)
-            if key[0] == 'test' or seen.get(key, 0) < n_per_class:
+        for f in image_files(path):
+            split = f.parent.parent.name
+            if held is not None and split == 'test': continue
+            if split == 'test' or (held and f in held): keep.append(f)
+            elif n_per_class is None or seen.get(f.parent.name, 0) < n_per_class:
                 keep.append(f)
-                seen[key] = seen.get(key, 0) + 1
+                seen[f.parent.name] = seen.get(f.parent.name, 0) + 1
         return keep
     return get_items
 
 
 def cifar_block(augs: Sequence[A.BasicTransform] = (), n_per_class: int | None = None,
-                images: DecodedImages | None = None) -> DataBlock:
+                images: DecodedImages | None = None, held: set[Path] | None = None) -> DataBlock:
     """DataBlock for CIFAR-style folders: train/ vs test/ split, parent-folder labels, `augs` on train only."""
-    return DataBlock(blocks=(ArrayImageBlock, CategoryBlock), get_items=_subset_items(n_per_class), get_x=images,
-                     splitter=GrandparentSplitter(train_name='train', valid_name='test'), get_y=parent_label,
+    return DataBlock(blocks=(ArrayImageBlock, CategoryBlock), get_items=_items(n_per_class, held), get_x=images,
+                     splitter=GrandparentSplitter(train_name='train', valid_name='test') if held is None
+                     else FuncSplitter(held.__contains__), get_y=parent_label,
                      item_tfms=AlbumentationsTransform(augs) if augs else None,
                      # moved with the DataLoaders, not to GPU 0
                      batch_tfms=Normalize.from_stats(*CIFAR_STATS, cuda=False))
@@ -334,6 +353,7 @@ def cifar_block(augs: Sequence[A.BasicTransform] = (), n_per_class: int | None =
 
 class CifarDataLoaders(DataLoaders):
     """fastai `DataLoaders` that say what they hold when shown (in Jupyter or the terminal)."""
+    valid_name = 'test'  # what validates: the test split, or `--holdout`'s training images
 
     def __repr__(self) -> str:
         aug = next((t for t in self.train.after_item.fs if isinstance(t, AlbumentationsTransform)), None)
@@ -341,14 +361,18 @@ class CifarDataLoaders(DataLoaders):
         return '\n'.join([f'{type(self).__name__}: {len(self.vocab)} classes ({", ".join(self.vocab)}) '
                           f'from {self.path}',
                           *(f'  {name}: {len(dl.dataset):,} images, {len(dl)} batches of {dl.bs}'
-                            for name, dl in (('train', self.train), ('test ', self.valid))),
+                            for name, dl in (('train', self.train), (self.valid_name, self.valid))),
                           f'  train-only albumentations: {augs}', f'  device: {self.device}'])
 
 
 def cifar_dls(path: Path, augs: Sequence[A.BasicTransform] = (), bs: int = 128, n_per_class: int | None = None,
-              workers: int | None = None, device=None) -> CifarDataLoaders:
-    """Train/test `DataLoaders` for the CIFAR-style folder `path`, reading images from its decoded cache."""
+              workers: int | None = None, device=None, holdout: int | None = None) -> CifarDataLoaders:
+    """Train/test `DataLoaders` for the CIFAR-style folder `path`, reading images from its decoded cache; with
+    `holdout`, train/hold-out: that many training images (`holdout_files`) validate and the test split is not read."""
     if workers is None: workers = min(4, os.cpu_count() or 1)
-    block = cifar_block(augs, n_per_class, DecodedImages(path))
+    held = holdout_files(image_files(path), holdout) if holdout else None
+    block = cifar_block(augs, n_per_class, DecodedImages(path), held)
     dls = block.dataloaders(path, path=path, bs=bs, num_workers=workers, device=device)
-    return CifarDataLoaders(*dls.loaders, path=dls.path, device=dls.device)
+    dls = CifarDataLoaders(*dls.loaders, path=dls.path, device=dls.device)
+    if held: dls.valid_name = 'hold-out'
+    return dls

@@ -25,12 +25,12 @@ def _save(fig: matplotlib.figure.Figure, path: Path) -> None:
     plt.close('all')
 
 
-def plot_curves(history: pd.DataFrame, title: str) -> matplotlib.figure.Figure:
-    """Loss and accuracy per epoch, train and test, from a `history.csv` table."""
+def plot_curves(history: pd.DataFrame, title: str, valid_name: str = 'test') -> matplotlib.figure.Figure:
+    """Loss and accuracy per epoch, train and validation (`valid_name`: test or hold-out), from a `history.csv`."""
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 3.8))
     ep = history.epoch + 1
     for split, style in (('train', '-o'), ('valid', '-s')):
-        label = 'test' if split == 'valid' else 'train'
+        label = valid_name if split == 'valid' else 'train'
         ax_l.plot(ep, history[f'{split}_loss'], style, ms=3, label=label)
         ax_a.plot(ep, 100 * history[f'{split}_accuracy'], style, ms=3, label=label)
     ax_l.set(xlabel='epoch', ylabel='loss', title='loss')
@@ -57,8 +57,10 @@ def plot_misclassified(interp: ClassificationInterpretation, probs: torch.Tensor
     return fig
 
 
-def review(learn: Learner, out: Path, title: str, k: int = 9, dl: DataLoader | None = None) -> dict:
-    """Write top_losses.png, misclassified.png and confusion.png for `dl` (default: test split); return its metrics."""
+def review(learn: Learner, out: Path, title: str, k: int = 9, dl: DataLoader | None = None,
+           split: str = 'test') -> dict:
+    """Write top_losses.png, misclassified.png and confusion.png for `dl` (default: the validation split, named
+    `split` in the metrics returned: test or holdout)."""
     out = Path(out)
     interp = ClassificationInterpretation.from_learner(learn, dl=dl)
     probs, targs = learn.get_preds(dl=interp.dl)
@@ -70,8 +72,8 @@ def review(learn: Learner, out: Path, title: str, k: int = 9, dl: DataLoader | N
     interp.plot_confusion_matrix(title=f'confusion matrix: {title}', figsize=(7, 7))
     _save(plt.gcf(), out / 'confusion.png')
     confused = [(a, b, int(n)) for a, b, n in interp.most_confused(min_val=1)[:10]]
-    return dict(test_accuracy=float(correct.float().mean()), n_test=len(targs), per_class_accuracy=per_class,
-                most_confused=confused)
+    return {f'{split}_accuracy': float(correct.float().mean()), f'n_{split}': len(targs),
+            'per_class_accuracy': per_class, 'most_confused': confused}
 
 
 def flip_tta(learn: Learner, dl: DataLoader | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,7 @@ def _trial(cfg: dict) -> str:
 def results_table(run_dirs: list[Path], base: Path = Path('.'), full_commands: bool = True) -> str:
     """Markdown table of the runs (linked relative to `base`): command (`full_commands`: every setting spelled out, else
     those that differ from the recipe's defaults), data, params, epochs, accuracies, wall time, device."""
-    lines = ['| run | command | data | params | epochs | train acc | test acc | wall time | device |',
+    lines = ['| run | command | data | params | epochs | train acc | test acc (hold-out acc) | wall time | device |',
              '|---|---|---|---|---|---|---|---|---|']
     for d, m, cfg in load_runs(run_dirs):
         note = ' (outside the assignment)' if m.get('outside_assignment') else ''
@@ -68,17 +68,22 @@ def results_table(run_dirs: list[Path], base: Path = Path('.'), full_commands: b
         if m.get('resumed'):  # the earlier invocations' wall time is not recorded; their epochs' times are
             wall = f"{m['epoch_seconds'] / 60:.1f} min of epochs ({wall} in the resumed invocation)"
         subset = f", {m['subset']} train images/class" if m.get('subset') else ''
-        tta = f" (flip TTA: {100 * m['flip_tta_test_accuracy']:.2f} %)" if 'flip_tta_test_accuracy' in m else ''
+        split = 'holdout' if 'holdout_accuracy' in m else 'test'
+        acc = f"{100 * m[f'{split}_accuracy']:.2f} %"
+        acc = f'**{acc}**' if split == 'test' else f'({acc})'
+        if f'flip_tta_{split}_accuracy' in m: acc += f" (flip TTA: {100 * m[f'flip_tta_{split}_accuracy']:.2f} %)"
         lines.append(f"| [{d.name}]({Path(os.path.relpath(d, base)).as_posix()}/) | "
                      f"`{_command(cfg, full_commands)}`{trial} | {data_name(m.get('data_fingerprint'))} | "
                      f"{m['params']:,} | {m['epochs']}{subset}{note} | "
-                     f"{100 * m['train_accuracy']:.2f} % | **{100 * m['test_accuracy']:.2f} %**{tta} | "
+                     f"{100 * m['train_accuracy']:.2f} % | {acc} | "
                      f"{wall} | {m['device']} |")
     return '\n'.join(lines)
 
 
 def _label(d: Path, m: dict, cfg: dict) -> str:
-    return f"{d.name}: {m['norm']}{' + ws' if cfg.get('ws') else ''}, bs {cfg['bs']} ({100 * m['test_accuracy']:.2f} %)"
+    split = 'test' if 'test_accuracy' in m else 'holdout'
+    acc = f"{'hold-out ' if split == 'holdout' else ''}{100 * m[f'{split}_accuracy']:.2f} %"
+    return f"{d.name}: {m['norm']}{' + ws' if cfg.get('ws') else ''}, bs {cfg['bs']} ({acc})"
 
 
 def comparison_figure(run_dirs: list[Path], title: str) -> matplotlib.figure.Figure:
@@ -87,7 +92,7 @@ def comparison_figure(run_dirs: list[Path], title: str) -> matplotlib.figure.Fig
     for d, m, cfg in load_runs(run_dirs):
         h = pd.read_csv(d / 'history.csv')
         ax.plot(h.epoch + 1, 100 * h.valid_accuracy, '-o', ms=3, label=_label(d, m, cfg))
-    ax.set(xlabel='epoch', ylabel='test accuracy (%)', title=title)
+    ax.set(xlabel='epoch', ylabel='test (or hold-out) accuracy (%)', title=title)
     ax.grid(alpha=.3)
     ax.legend()
     return fig

@@ -92,7 +92,7 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
     set_seed(cfg.seed, reproducible=True)
     model = build_model(recipe, cfg) if model is None else model
     dls = cifar_dls(data_path or cifar10_path(cfg.data), recipe.augs, bs=cfg.bs, n_per_class=cfg.subset,
-                    workers=cfg.workers, device=device)
+                    workers=cfg.workers, device=device, holdout=cfg.holdout)
     if len(dls.train) == 0:  # fastai drops the last partial batch, and would fail later on an empty DataLoader
         raise DataError(f'{len(dls.train_ds):,} training images make no full batch of {cfg.bs}; '
                         'lower --bs or raise --subset')
@@ -166,14 +166,15 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
         if hasattr(csv, 'file'): csv.file.close()  # an interrupted fit never reaches CSVLogger.after_fit
     history = pd.read_csv(out / 'history.csv')
     title = f'{recipe.name} --norm {cfg.norm}'
-    plot_curves(history, title).savefig(out / 'curves.png', dpi=110, bbox_inches='tight')
+    split = 'holdout' if cfg.holdout else 'test'  # what the valid columns and the review measure
+    plot_curves(history, title, learn.dls.valid_name).savefig(out / 'curves.png', dpi=110, bbox_inches='tight')
     metrics = dict(recipe=recipe.name, norm=cfg.norm, params=count_params(model), rf=total_rf(model.spec),
                    epochs=int(history.epoch.iloc[-1]) + 1, train_accuracy=float(history.train_accuracy.iloc[-1]),
-                   **review(learn, out, title), epoch_seconds=int(_seconds(history.time).sum()),
+                   **review(learn, out, title, split=split), epoch_seconds=int(_seconds(history.time).sum()),
                    device=', then '.join(devices),
                    data=str(data_path), data_fingerprint=data['data_fingerprint'], data_name=data['data_name'],
                    subset=cfg.subset, outside_assignment=cfg.outside_assignment)
-    if recipe.tta: metrics['flip_tta_test_accuracy'] = flip_tta_accuracy(learn)
+    if recipe.tta: metrics[f'flip_tta_{split}_accuracy'] = flip_tta_accuracy(learn)
     learn.export('model.pkl')
     learn.save((out / 'model').resolve(), with_opt=False)  # plain weights: loading them runs no code
     metrics['wall_seconds'] = round(time.time() - t0, 1)  # this invocation (after --resume: the resumed part only)

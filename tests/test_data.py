@@ -11,7 +11,7 @@ import torch
 from conftest import CLASSES, write_synthetic
 from PIL import Image
 
-from cifar_fa import DataError, cifar10_path, cifar_dls
+from cifar_fa import DataError, cifar10_path, cifar_dls, data
 from cifar_fa.data import KNOWN_COPIES, AlbumentationsTransform, data_fingerprint, data_name
 
 
@@ -202,7 +202,7 @@ def test_dataloaders_say_what_they_hold(synth):
     dls = cifar_dls(synth, [A.HorizontalFlip()], bs=8, workers=0)
     text = repr(dls)
     assert dls.path == synth and f'from {synth}' in text
-    assert 'train: 120 images, 15 batches of 8' in text and 'test : 40 images' in text
+    assert 'train: 120 images, 15 batches of 8' in text and 'test: 40 images' in text
     assert 'HorizontalFlip' in text and 'class9' in text
 
 
@@ -275,3 +275,19 @@ def test_data_names():
 @pytest.mark.skipif(not os.environ.get('CIFAR10_DIR'), reason='needs the real CIFAR-10 (set CIFAR10_DIR)')
 def test_real_data_is_a_known_copy():
     assert data_name(data_fingerprint(cifar10_path())) in KNOWN_COPIES.values()
+
+
+def test_holdout_validates_on_training_images_only(synth):
+    files = data.image_files(synth)
+    held = data.holdout_files(files, 20)
+    assert held == data.holdout_files(list(reversed(files)), 20)  # the same images whatever the order or run
+    assert len(held) == 20 and all(f.parent.parent.name == 'train' for f in held)
+    assert sorted(f.parent.name for f in held) == sorted(CLASSES * 2)  # as many from each class
+    dls = cifar_dls(synth, bs=8, workers=0, holdout=20, n_per_class=5)
+    assert set(dls.valid.items) == held and dls.valid_name == 'hold-out' and 'hold-out: 20 images' in repr(dls)
+    assert len(dls.train.items) == 50 and not held & set(dls.train.items)  # --subset counts the images trained on
+    assert all(f.parent.parent.name == 'train' for f in [*dls.train.items, *dls.valid.items])  # no test image read
+    for n in (9, 120):  # 0 per class; all 12 of a class
+        msg = rf'--holdout {n} takes \d+ images from each of 10 classes; take from 1 to 11 per class'
+        with pytest.raises(DataError, match=msg):
+            cifar_dls(synth, bs=8, workers=0, holdout=n)

@@ -366,3 +366,15 @@ def test_committed_learner_loads(run_dir):
         weights = torch.load(ROOT / 'results' / run_dir / 'model.pth', map_location='cpu')
         assert weights.keys() == learn.model.state_dict().keys()
         assert all(torch.equal(v, weights[k]) for k, v in learn.model.state_dict().items())
+
+
+def test_holdout_run_never_reports_a_test_figure(synth, tmp_path):
+    kw = dict(norm='bn', epochs=2, bs=16, lr=1e-2, workers=0, device='cpu', data=str(synth), holdout=20)
+    m = run(replace(S8, tta=True), RunConfig('s8', out=str(tmp_path / 'h'), **kw))
+    assert m['n_holdout'] == 20 and 0 <= m['holdout_accuracy'] <= 1 and 'flip_tta_holdout_accuracy' in m
+    assert not [k for k in m if 'test' in k]
+    assert json.loads((tmp_path / 'h' / 'config.json').read_text())['holdout'] == 20
+    row = results_table([tmp_path / 'h']).splitlines()[-1]
+    assert "--seed 42 --holdout 20` |" in row and f"| ({100 * m['holdout_accuracy']:.2f} %) (flip TTA: " in row
+    with pytest.raises(RunError, match='was trained with --holdout 20'):  # a resume keeps the run's hold-out
+        run(S8, RunConfig('s8', out=str(tmp_path / 'h'), resume=True, **{**kw, 'holdout': None}))
