@@ -9,15 +9,19 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from fastai.data.load import DataLoader
 from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Learner
-from fastai.torch_core import show_image
+from fastai.torch_core import show_image, to_device
 
 from .augment import A
+from .config import RunError
 from .data import AlbumentationsTransform
 
-__all__ = ['plot_curves', 'plot_misclassified', 'review', 'flip_tta', 'flip_tta_accuracy']
+__all__ = ['plot_curves', 'plot_misclassified', 'misclassified', 'grad_cam', 'plot_gradcam', 'review', 'flip_tta',
+           'flip_tta_accuracy']
 
 
 def _save(fig: matplotlib.figure.Figure, path: Path) -> None:
@@ -44,23 +48,78 @@ def plot_misclassified(interp: ClassificationInterpretation, probs: torch.Tensor
                        n: int = 10) -> matplotlib.figure.Figure:
     """`n` misclassified test images, each true class in turn, in a 5-wide grid
     with true and predicted label and confidence."""
-    vocab, wrong, true = interp.vocab, (probs.argmax(1) != targs).nonzero().flatten().tolist(), targs.tolist()
-    per_class = [[i for i in wrong if true[i] == c] for c in range(len(vocab))]  # the test set is sorted by class
-    wrong = [i for turn in zip_longest(*per_class) for i in turn if i is not None][:n]
-    fig, axs = plt.subplots((n + 4) // 5, 5, figsize=(12.5, 2.7 * ((n + 4) // 5)))
-    for ax, i in zip(axs.flat, wrong):
-        img = interp.dl.dataset[i][0]
+    return _grid(interp, probs, targs, misclassified(probs, targs, n), title, n)
+
+
+def misclassified(probs: torch.Tensor, targs: torch.Tensor, n: int = 10) -> list[int]:
+    """Indices of `n` misclassified images, taking each true class in turn."""
+    wrong, true = (probs.argmax(1) != targs).nonzero().flatten().tolist(), targs.tolist()
+    per_class = [[i for i in wrong if true[i] == c] for c in range(probs.shape[1])]  # the test set is sorted by class
+    return [i for turn in zip_longest(*per_class) for i in turn if i is not None][:n]
+
+
+def _grid(interp: ClassificationInterpretation, probs: torch.Tensor, targs: torch.Tensor, idxs: list[int], title: str,
+          n: int, heat: torch.Tensor | None = None) -> matplotlib.figure.Figure:
+    """Images `idxs` of `interp.dl` in a grid of `n`, 5 wide, titled with true and predicted label and confidence,
+    with `heat` maps (one per image) over them."""
+    rows = (n + 4) // 5
+    fig, axs = plt.subplots(rows, 5, figsize=(12.5, 2.7 * rows), squeeze=False)
+    for j, (ax, i) in enumerate(zip(axs.flat, idxs)):
         p = int(probs[i].argmax())
-        show_image(img, ax=ax, title=f'true: {vocab[targs[i]]}\npred: {vocab[p]} ({probs[i, p]:.2f})')
-    for ax in list(axs.flat)[len(wrong):]: ax.axis('off')
+        title_i = f'true: {interp.vocab[targs[i]]}\npred: {interp.vocab[p]} ({probs[i, p]:.2f})'
+        show_image(interp.dl.dataset[i][0], ax=ax, title=title_i)
+        if heat is not None: ax.imshow(heat[j].cpu(), cmap='jet', alpha=0.45, extent=(-0.5, 31.5, 31.5, -0.5))
+    for ax in list(axs.flat)[len(idxs):]: ax.axis('off')
     fig.suptitle(title)
     return fig
 
 
+def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+    """Grad-CAM maps (N, H, W, in [0, 1]) of images `x` for `classes`: the feature map weighted by the mean gradient of
+    each class score, taken where it enters global average pooling (after any residual addition), or at the output of
+    the module named `layer`."""
+    modules = dict(model.named_modules())
+    if layer is None:
+        layer = next((n for n, m in modules.items() if isinstance(m, nn.AdaptiveAvgPool2d)), None)
+        if layer is None:
+            raise RunError('the model has no nn.AdaptiveAvgPool2d to take the map from: pass --gradcam-layer')
+        at_input = True
+    elif layer not in modules:
+        raise RunError(f"the model has no layer {layer!r} for --gradcam-layer; "
+                       f"its layers: {', '.join(list(modules)[1:])}")
+    else: at_input = False
+    maps = []
+
+    def keep(module, args, output=None):
+        fmap = args[0] if at_input else output
+        fmap.retain_grad()
+        maps.append(fmap)
+    hook = (modules[layer].register_forward_pre_hook if at_input else modules[layer].register_forward_hook)(keep)
+    try:
+        with torch.enable_grad(): model.eval()(x).gather(1, classes[:, None]).sum().backward()
+    finally:
+        hook.remove()
+        model.zero_grad(set_to_none=True)
+    fmap = maps[0]
+    cam = F.relu((fmap.grad.mean((2, 3), keepdim=True) * fmap).sum(1)).detach()
+    cam = F.interpolate(cam[:, None], size=x.shape[-2:], mode='bilinear')[:, 0]
+    return cam / cam.amax((1, 2), keepdim=True).clamp_min(1e-12)
+
+
+def plot_gradcam(learn: Learner, interp: ClassificationInterpretation, probs: torch.Tensor, targs: torch.Tensor,
+                 title: str, n: int = 10, layer: str | None = None) -> matplotlib.figure.Figure:
+    """`plot_misclassified`'s images, each with its Grad-CAM map (`grad_cam`) for the predicted class."""
+    idxs, dl = misclassified(probs, targs, n), interp.dl
+    if not idxs: return _grid(interp, probs, targs, idxs, title, n)
+    xb = dl.after_batch(to_device(dl.do_batch([dl.do_item(i) for i in idxs]), dl.device))[0]
+    heat = grad_cam(learn.model, xb.as_subclass(torch.Tensor).float(), probs[idxs].argmax(1).to(xb.device), layer)
+    return _grid(interp, probs, targs, idxs, f'Grad-CAM for the predicted class: {title}', n, heat)
+
+
 def review(learn: Learner, out: Path, title: str, k: int = 9, dl: DataLoader | None = None,
-           split: str = 'test') -> dict:
-    """Write top_losses.png, misclassified.png and confusion.png for `dl` (default: the validation split, named
-    `split` in the metrics returned: test or holdout)."""
+           split: str = 'test', gradcam: bool = False, gradcam_layer: str | None = None) -> dict:
+    """Write top_losses.png, misclassified.png and confusion.png (and with `gradcam`, gradcam.png) for `dl` (default:
+    the validation split, named `split` in the metrics returned: test or holdout)."""
     out = Path(out)
     interp = ClassificationInterpretation.from_learner(learn, dl=dl)
     probs, targs = learn.get_preds(dl=interp.dl)
@@ -69,6 +128,7 @@ def review(learn: Learner, out: Path, title: str, k: int = 9, dl: DataLoader | N
     interp.plot_top_losses(k, figsize=(9, 9))
     _save(plt.gcf(), out / 'top_losses.png')
     _save(plot_misclassified(interp, probs, targs, title), out / 'misclassified.png')
+    if gradcam: _save(plot_gradcam(learn, interp, probs, targs, title, layer=gradcam_layer), out / 'gradcam.png')
     interp.plot_confusion_matrix(title=f'confusion matrix: {title}', figsize=(7, 7))
     _save(plt.gcf(), out / 'confusion.png')
     confused = [(a, b, int(n)) for a, b, n in interp.most_confused(min_val=1)[:10]]

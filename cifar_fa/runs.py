@@ -50,8 +50,9 @@ def _check_classes(root: Path, classes: list[str], learned: list[str]) -> None:
 
 
 def review_run(run_dir: Path, k: int = 16, data: str | None = None, weights: Path | None = None,
-               tta: bool = False) -> dict:
-    """(Re)write the review figures of a finished run on the test split; return its metrics (`tta`: with flip TTA)."""
+               tta: bool = False, gradcam: bool = False, gradcam_layer: str | None = None) -> dict:
+    """(Re)write the review figures of a finished run on the test split (`gradcam`: gradcam.png too); return its
+    metrics (`tta`: with flip TTA)."""
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / 'config.json').read_text())
     learn, root = load_run(run_dir, weights, data), cifar10_path(_run_data(cfg, data))
@@ -62,7 +63,9 @@ def review_run(run_dir: Path, k: int = 16, data: str | None = None, weights: Pat
                       f"({cfg['data_name']}): its accuracy here is not the run's published figure", stacklevel=2)
     tests = [f for f in image_files(root) if f.parent.parent.name == 'test']
     dl = learn.dls.test_dl(tests, with_labels=True)
-    with learn.no_bar(): metrics = review(learn, run_dir, f"{cfg['recipe']} --norm {cfg['norm']}", k=k, dl=dl)
+    with learn.no_bar():
+        metrics = review(learn, run_dir, f"{cfg['recipe']} --norm {cfg['norm']}", k=k, dl=dl, gradcam=gradcam,
+                         gradcam_layer=gradcam_layer)
     if tta: metrics['flip_tta_test_accuracy'] = flip_tta_accuracy(learn, dl)
     return metrics
 

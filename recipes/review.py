@@ -13,6 +13,10 @@ p.add_argument('run_dir', help='a run folder (runs/... or results/...) holding m
 p.add_argument('--k', type=positive(int), default=16, help='how many top losses to plot')
 p.add_argument('--data', help="CIFAR-10 folder or .tgz (default: the run's own data)")
 p.add_argument('--tta', action='store_true', help='also print the test accuracy with flip test-time augmentation')
+p.add_argument('--gradcam', action='store_true',
+               help='also write gradcam.png: the misclassified grid with each Grad-CAM map for the predicted class')
+p.add_argument('--gradcam-layer', metavar='NAME', help="the module whose output Grad-CAM uses (default: the map "
+                                                       "entering global average pooling); implies --gradcam")
 p.add_argument('--image', help='predict this one image and print the top-3 classes instead')
 p.add_argument('--weights',
                help='a .pth of plain weights (e.g. RUN_DIR/checkpoints/last.pth) to load instead of model.pkl')
@@ -24,7 +28,8 @@ try:
             for label, prob in predict_image(load_run(args.run_dir, args.weights, args.data), args.image):
                 print(f'{label:12s} {prob:.3f}')
         else:
-            m = review_run(args.run_dir, args.k, args.data, args.weights, args.tta)
+            m = review_run(args.run_dir, args.k, args.data, args.weights, args.tta,
+                           args.gradcam or bool(args.gradcam_layer), args.gradcam_layer)
             print(f"test accuracy {100 * m['test_accuracy']:.2f} % on {m['n_test']} images")
             if args.tta: print(f"with flip TTA {100 * m['flip_tta_test_accuracy']:.2f} %")
             print('\n'.join(f'  {c:12s} {100 * a:.1f} %' for c, a in m['per_class_accuracy'].items()))

@@ -268,11 +268,12 @@ def test_review_script(trained, synth, tmp_path):
     before = {f: (out / f).stat().st_mtime_ns for f in ('top_losses.png', 'misclassified.png', 'confusion.png')}
     env = {**os.environ, 'PYTHONPATH': str(ROOT)}
     review = [sys.executable, str(ROOT / 'recipes' / 'review.py'), str(out)]
-    r = subprocess.run([*review, '--k', '4', '--tta'], capture_output=True, text=True, env=env)
+    r = subprocess.run([*review, '--k', '4', '--tta', '--gradcam'], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert f"{100 * metrics['test_accuracy']:.2f} %" in r.stdout and CLASSES[9] in r.stdout
     assert f"with flip TTA {100 * metrics['flip_tta_test_accuracy']:.2f} %" in r.stdout  # same figure as the run's own
     assert all((out / f).stat().st_mtime_ns > t for f, t in before.items())
+    Image.open(out / 'gradcam.png').verify()
     img = tmp_path / 'odd.png'
     Image.open(sorted((synth / 'test' / CLASSES[5]).iterdir())[0]).convert('L').resize((48, 40)).save(img)
     for extra in ([], ["--weights", str(out / "model.pth")]):
@@ -378,3 +379,19 @@ def test_holdout_run_never_reports_a_test_figure(synth, tmp_path):
     assert "--seed 42 --holdout 20` |" in row and f"| ({100 * m['holdout_accuracy']:.2f} %) (flip TTA: " in row
     with pytest.raises(RunError, match='was trained with --holdout 20'):  # a resume keeps the run's hold-out
         run(S8, RunConfig('s8', out=str(tmp_path / 'h'), resume=True, **{**kw, 'holdout': None}))
+
+
+def test_gradcam_maps_the_predicted_class_where_gap_reads(trained, synth):
+    from cifar_fa.interpret import grad_cam
+    learn = load_learner(trained[1] / 'model.pkl')
+    files = sorted(synth.glob('test/*/*.png'))[::4]  # one image of each class
+    x = learn.dls.test_dl(files, with_labels=True, device='cpu').one_batch()[0].as_subclass(torch.Tensor)
+    classes = learn.model.eval()(x).argmax(1)
+    heat = grad_cam(learn.model, x, classes)  # the map entering GAP: after C9's residual addition of C7
+    assert heat.shape == (10, 32, 32) and heat.min() >= 0 and heat.amax((1, 2)).allclose(torch.ones(10))
+    assert not torch.allclose(heat[0], heat[5])  # each image gets its own map
+    assert not any(p.grad is not None for p in learn.model.parameters())  # the weights' gradients are cleared
+    at_c9 = grad_cam(learn.model, x, classes, layer='layers.C9')  # C9's own output, before the addition
+    assert at_c9.shape == heat.shape and not torch.allclose(at_c9, heat)
+    with pytest.raises(RunError, match="no layer 'nope' for --gradcam-layer; its layers: layers, layers.C1"):
+        grad_cam(learn.model, x, classes, layer='nope')
