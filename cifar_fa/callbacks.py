@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from fastai.learner import Recorder
 from .system import interrupts_held
 
 __all__ = ['GroupNormLikeBN', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN',
-           'FloatLosses', 'DivergedError', 'last_epoch']
+           'PhaseTimes', 'FloatLosses', 'DivergedError', 'last_epoch']
 
 
 class GroupNormLikeBN(Callback):
@@ -60,6 +61,18 @@ class StopOnNaN(TerminateOnNaNCallback):
         except CancelFitException:
             raise DivergedError(f"the training loss became {self.loss.item()} in epoch {self.epoch}; "
                                 "the learning rate is too high: lower --lr (or use --lr find)") from None
+
+
+class PhaseTimes(Callback):
+    """Seconds spent training and validating, summed over the epochs `fit` runs."""
+    order = -20  # first on every event
+
+    def before_fit(self): self.train = self.valid = 0.
+
+    def before_train(self): self._t = time.perf_counter()
+    def after_train(self): self.train += time.perf_counter() - self._t
+    def before_validate(self): self._t = time.perf_counter()
+    def after_validate(self): self.valid += time.perf_counter() - self._t
 
 
 class PlainProgress(Callback):

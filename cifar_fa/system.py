@@ -7,11 +7,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ['atomic_write', 'interrupts_held', 'memory_bytes', 'stop_on_sigterm', 'stop_requested', 'memory_refused']
+__all__ = ['atomic_write', 'interrupts_held', 'memory_bytes', 'process_age', 'stop_on_sigterm', 'stop_requested',
+           'memory_refused']
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -75,3 +77,11 @@ def stop_requested(e: BaseException) -> bool:
 def memory_refused(e: BaseException) -> bool:
     """Whether `e` is the OS refusing memory (e.g. forking DataLoader workers when the process outgrew the machine)."""
     return isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: from /proc, to 10 ms); None where the OS does not say."""
+    try:
+        ticks = int(Path('/proc/self/stat').read_text().rsplit(')', 1)[1].split()[19])  # field 22: start, since boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf('SC_CLK_TCK')
+    except (OSError, ValueError, IndexError, AttributeError): return None

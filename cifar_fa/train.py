@@ -26,6 +26,7 @@ from .callbacks import (
     EpochState,
     FloatLosses,
     GroupNormLikeBN,
+    PhaseTimes,
     PlainProgress,
     ResumableCSVLogger,
     StopOnNaN,
@@ -37,7 +38,7 @@ from .interpret import flip_tta_accuracy, plot_curves, review
 from .models import SpecNet, count_params
 from .receptive_field import rf_table, total_rf
 from .runfolder import prepare_out
-from .system import atomic_write, memory_bytes
+from .system import atomic_write, memory_bytes, process_age
 
 __all__ = ['build_model', 'build_learner', 'describe', 'run', 'pick_device']
 
@@ -122,15 +123,32 @@ def _seconds(times: pd.Series) -> pd.Series:
     return times.astype(str).map(lambda t: sum(int(x) * 60 ** i for i, x in enumerate(reversed(t.split(':')))))
 
 
+class _Laps:
+    """Seconds spent in each named stage of a run, stage by stage, and the process's age when the run began."""
+
+    def __init__(self):
+        age = process_age()
+        self.startup = None if age is None else round(age, 2)  # interpreter, imports, arguments, checks
+        self.t, self.laps = time.perf_counter(), {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.t, 2)
+        self.t = now
+
+
 def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
     """Train `recipe` as `cfg` says (its network: `model`, else `build_model`'s) and write the run folder; return the
     metrics."""
-    t0 = time.time()
+    t0, lap = time.time(), _Laps()
     model = build_model(recipe, cfg) if model is None else model
+    lap('model')
     data_path = cifar10_path(cfg.data)
+    fingerprint = data_fingerprint(data_path)
+    lap('data')
     # bad data, device or head fail before any output
     learn = build_learner(recipe, cfg, model=model, data_path=data_path)
-    fingerprint = data_fingerprint(data_path)
+    lap('dataloaders')
     data = dict(data_path=str(data_path), data_fingerprint=fingerprint, data_name=data_name(fingerprint))
     out, prev = prepare_out(cfg, model.spec, fingerprint)
     if cfg.resume and (out / 'metrics.json').exists():  # finished: nothing to train, nothing to rewrite
@@ -160,10 +178,12 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
     atomic_write(out / 'config.json', json.dumps(config, indent=2))
     summary = describe(recipe, model)
     atomic_write(out / 'summary.txt', f'{summary}\n{learn.summary()}\n')
-    csv = ResumableCSVLogger('history.csv', append=cfg.resume)
-    try: learn.fit_one_cycle(cfg.epochs, lr, start_epoch=start, cbs=[csv, EpochCheckpoint(), EpochState(state)])
+    csv, phases = ResumableCSVLogger('history.csv', append=cfg.resume), PhaseTimes()
+    lap('setup')
+    try: learn.fit_one_cycle(cfg.epochs, lr, start_epoch=start, cbs=[csv, EpochCheckpoint(), EpochState(state), phases])
     finally:
         if hasattr(csv, 'file'): csv.file.close()  # an interrupted fit never reaches CSVLogger.after_fit
+    lap('fit')
     history = pd.read_csv(out / 'history.csv')
     title = f'{recipe.name} --norm {cfg.norm}'
     split = 'holdout' if cfg.holdout else 'test'  # what the valid columns and the review measure
@@ -174,10 +194,17 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
                    device=', then '.join(devices),
                    data=str(data_path), data_fingerprint=data['data_fingerprint'], data_name=data['data_name'],
                    subset=cfg.subset, outside_assignment=cfg.outside_assignment)
-    if recipe.tta: metrics[f'flip_tta_{split}_accuracy'] = flip_tta_accuracy(learn)
+    lap('review')
+    if recipe.tta:
+        metrics[f'flip_tta_{split}_accuracy'] = flip_tta_accuracy(learn)
+        lap('tta')
     learn.export('model.pkl')
     learn.save((out / 'model').resolve(), with_opt=False)  # plain weights: loading them runs no code
+    lap('export')
     metrics['wall_seconds'] = round(time.time() - t0, 1)  # this invocation (after --resume: the resumed part only)
+    fit = lap.laps.pop('fit')
+    metrics['timings'] = dict(startup=lap.startup, **lap.laps, train=round(phases.train, 2),
+                              valid=round(phases.valid, 2), fit_other=round(fit - phases.train - phases.valid, 2))
     metrics['resumed'] = cfg.resume
     atomic_write(out / 'metrics.json', json.dumps(metrics, indent=2))
     return metrics

@@ -52,6 +52,10 @@ def test_run_folder_complete(trained):
     assert m['params'] == metrics['params'] < 50_000 and m['rf'] == 44 and m['epochs'] == 4
     assert set(m['per_class_accuracy']) == set(CLASSES) and 'device' in m and m['wall_seconds'] > 0
     assert 0 <= m['flip_tta_test_accuracy'] <= 1  # recipes with tta=True report it beside the plain accuracy
+    t = m['timings']  # where the wall time went, stage by stage
+    assert list(t) == ['startup', 'model', 'data', 'dataloaders', 'setup', 'review', 'tta', 'export', 'train', 'valid',
+                       'fit_other'] and all(v >= 0 for v in t.values())
+    assert t['train'] > t['valid'] > 0 and sum(t.values()) - t['startup'] <= m['wall_seconds'] + 0.1
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['norm'] == 'bn' and cfg['seed'] == 42 and 'torch' in cfg['versions']
     fp = data_fingerprint(Path(cfg['data_path']))  # of the full splits: the same with --subset
