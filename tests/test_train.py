@@ -234,7 +234,7 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     assert r.returncode == 0 and 'Warning' not in r.stderr, r.stderr  # the README's command, without runpy's warning
     text = readme.read_text()
     acc = json.loads((out / 'metrics.json').read_text())['test_accuracy']
-    assert 'old' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')
+    assert '\nold\n' not in text and f'{100 * acc:.2f} %' in text and text.endswith('tail\n')
     assert '| data |' in text and (
         f"` | other data ({json.loads((out / 'metrics.json').read_text())['data_fingerprint']['train'][:8]}) |" in text)
     # the README's commands name what differs from the recipe's defaults; --full-commands spells out every setting
