@@ -23,9 +23,9 @@ HPARAMS = dict(
     label_smoothing=0.1,
 )
 
-# Without batch statistics GN and LN lagged BN; standardized filters close the gap (results/: GN 77.97 -> 80.00 %,
-# LN 77.26 -> 81.09 %). LN also gains from batches of 64, twice the steps (80.28 -> 81.09 %, one seed); GN does not
-# (80.00 -> 80.44 %, inside its seed spread of 0.60)
+# Without batch statistics GN and LN lagged BN; standardized filters close the gap (results/TRIALS.md, JPEG copy:
+# GN 77.97 -> 80.00 %, LN 77.26 -> 81.09 %). LN also gains from batches of 64, twice the steps (80.28 -> 81.09 %,
+# one seed); GN does not (80.00 -> 80.44 %, inside its seed spread of 0.60)
 NORM_HPARAMS = dict(gn=dict(ws=True), ln=dict(ws=True, bs=64))
 
 # S8's rules (cifar_fa.assignments): the skeleton C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP C10, < 50,000 parameters,
