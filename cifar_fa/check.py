@@ -110,9 +110,11 @@ class _Tracer(TorchFunctionMode):
         if not tensors or not isinstance(out, (torch.Tensor, tuple)): return out
         x, first, name = tensors[0], out[0] if isinstance(out, tuple) else out, getattr(func, '__name__', '')
         self.func = name
+
+        def get(i: int, key: str, default):  # the argument at position `i` or keyword `key`
+            return args[i] if len(args) > i else kwargs.get(key, default)
         if name == 'conv2d':
             w = args[1] if len(args) > 1 else kwargs['weight']
-            get = lambda i, name, default: args[i] if len(args) > i else kwargs.get(name, default)  # noqa: E731
             s, d, groups, k = _pair(get(3, 'stride', 1)), _pair(get(5, 'dilation', 1)), get(6, 'groups', 1), w.shape[-1]
             p = get(4, 'padding', 0)
             p = d * (k - 1) // 2 if p == 'same' else 0 if p == 'valid' else _pair(p)
@@ -124,9 +126,7 @@ class _Tracer(TorchFunctionMode):
             if kind == 'pointwise': src.depthwise.separable = True
             layer, info = self._add(kind, x, first, k, p, s, d, groups)
             if kind == 'depthwise' and k > 1: info.depthwise = layer
-            if kind == 'classifier': info.rf, info.jump, info.after_gap = src.rf, src.jump, True
         elif name in _MAXPOOL or name == 'avg_pool2d':
-            get = lambda i, name, default: args[i] if len(args) > i else kwargs.get(name, default)  # noqa: E731
             k = _pair(get(1, 'kernel_size', 1))
             s, p = _pair(get(2, 'stride', None) or k), _pair(get(3, 'padding', 0))
             d = _pair(get(4, 'dilation', 1)) if name in _MAXPOOL else 1
