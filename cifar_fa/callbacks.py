@@ -14,11 +14,13 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.learner import Recorder
+from fastai.torch_core import set_seed
 
-from .system import interrupts_held
+from .distributed import unwrapped
+from .system import interrupts_held, signalled
 
 __all__ = ['GroupNormLikeBN', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN',
-           'PhaseTimes', 'FloatLosses', 'DivergedError', 'last_epoch']
+           'PhaseTimes', 'FloatLosses', 'DivergedError', 'StopWhenSignalled', 'last_epoch']
 
 
 class GroupNormLikeBN(Callback):
@@ -63,16 +65,26 @@ class StopOnNaN(TerminateOnNaNCallback):
                                 "the learning rate is too high: lower --lr (or use --lr find)") from None
 
 
+class StopWhenSignalled(Callback):
+    """Stop at the next batch when Ctrl-C or SIGTERM arrived during `fit` but its KeyboardInterrupt was swallowed on
+    the way (`cifar_fa.system.stop_on_signals`)."""
+
+    def before_fit(self): signalled(clear=True)  # one handled before, by the caller of an earlier fit, is spent
+
+    def before_batch(self):
+        if signalled(): raise KeyboardInterrupt
+
+
 class PhaseTimes(Callback):
     """Seconds spent training and validating, summed over the epochs `fit` runs."""
     order = -20  # first on every event
 
-    def before_fit(self): self.train = self.valid = 0.
+    def before_fit(self): self.train_s = self.valid_s = 0.
 
     def before_train(self): self._t = time.perf_counter()
-    def after_train(self): self.train += time.perf_counter() - self._t
+    def after_train(self): self.train_s += time.perf_counter() - self._t
     def before_validate(self): self._t = time.perf_counter()
-    def after_validate(self): self.valid += time.perf_counter() - self._t
+    def after_validate(self): self.valid_s += time.perf_counter() - self._t
 
 
 class PlainProgress(Callback):
@@ -109,7 +121,8 @@ def epoch_state(learn) -> dict:
     v, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = dict(python=[v, list(mt), gauss], numpy=[name, keys.tolist(), pos, has_gauss, cached],
-                 torch=torch.get_rng_state().tolist(), dls=[list(dl.rng.getstate()[1]) for dl in learn.dls.loaders])
+                 torch=torch.get_rng_state().tolist(),
+                 dls=[list(unwrapped(dl).rng.getstate()[1]) for dl in learn.dls.loaders])
     device = learn.dls.device
     if device.type == 'cuda': state['cuda'] = torch.cuda.get_rng_state(device).tolist()  # the training GPU's only
     smooth = learn.recorder.smooth_loss
@@ -124,7 +137,7 @@ def set_epoch_state(learn, state: dict) -> None:
     name, keys, pos, has_gauss, cached = state['numpy']
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state['torch'], dtype=torch.uint8))
-    for dl, mt in zip(learn.dls.loaders, state['dls']): dl.rng.setstate((3, tuple(mt), None))
+    for dl, mt in zip(learn.dls.loaders, state['dls']): unwrapped(dl).rng.setstate((3, tuple(mt), None))
     device, cuda = learn.dls.device, state.get('cuda')
     if cuda and device.type == 'cuda': torch.cuda.set_rng_state(torch.tensor(cuda, dtype=torch.uint8), device)
     smooth = learn.recorder.smooth_loss
@@ -132,16 +145,21 @@ def set_epoch_state(learn, state: dict) -> None:
 
 
 class EpochState(Callback):
-    """Make each epoch follow from the state at its start (`epoch_state`), restored from `state` on --resume."""
+    """Make each epoch follow from the state at its start (`epoch_state`), restored from `state` on --resume; with
+    `reseed` (seed, rank), from those and the epoch instead: the processes after the first of a data-parallel run keep
+    no checkpoint, and each draws its own augmentations."""
     order = 71  # after SkipToEpoch, so the states are restored at the first epoch that really trains
 
-    def __init__(self, state: dict | None = None): self.state = state
+    def __init__(self, state: dict | None = None, reseed: tuple[int, int] | None = None):
+        self.state, self.reseed = state, reseed
 
     def before_epoch(self):
-        if self.state is not None:
+        if self.reseed is not None: set_seed(hash((*self.reseed, self.epoch)) % 2 ** 32)  # ints hash the same anywhere
+        elif self.state is not None:
             set_epoch_state(self.learn, self.state)
             self.state = None
-        for tfm in self.dls.train.after_item.fs:  # augmentations reseed from `random` (workers are reseeded by fastai)
+        # augmentations reseed from `random` (workers are reseeded by fastai)
+        for tfm in unwrapped(self.dls.train).after_item.fs:
             if hasattr(tfm, 'reseed'): tfm.reseed()
 
 

@@ -14,10 +14,11 @@ from .callbacks import DivergedError
 from .config import OPTIMIZERS, Recipe, RunConfig, RunError, flag
 from .constraints import ConstraintError
 from .data import DataError
+from .distributed import launched
 from .layers import NORMS
 from .models import SpecNet
 from .runfolder import holds_run, no_epoch_done
-from .system import memory_refused, stop_on_sigterm, stop_requested
+from .system import memory_refused, signalled, stop_on_signals, stop_requested
 from .train import build_model, describe, run
 
 __all__ = ['parser', 'config_from_args', 'main', 'positive', 'non_negative', 'one_line_errors']
@@ -124,7 +125,8 @@ def one_line_errors() -> Iterator[None]:
     """Stop with one line on stderr and exit status 2 on the errors a user can fix: bad input, broken constraints."""
     try: yield
     except (ConstraintError, DataError, RunError, DivergedError) as e:
-        print(f'error: {str(e).strip().splitlines()[-1].strip()}', file=sys.stderr)  # fastai prefixes callback errors
+        # every process of a launch stops on the same error: one says it; fastai prefixes callback errors
+        if launched().main: print(f'error: {str(e).strip().splitlines()[-1].strip()}', file=sys.stderr)
         sys.exit(2)
 
 
@@ -138,7 +140,7 @@ def _constraints_line(recipe: Recipe, cfg: RunConfig, model: SpecNet) -> str:
 def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
     """Parse `argv`, check the model and train it; errors become one line on stderr and exit status 2."""
     args = parser(recipe).parse_args(argv)
-    stop_on_sigterm()
+    stop_on_signals()
     norms = list(NORMS) if args.norm == 'all' else [args.norm]
     parent = Path(args.out or 'runs') if args.norm == 'all' else None
     cfgs = [config_from_args(recipe, argv, norm=n, **({'out': str(parent / f'{recipe.name}_{n}')} if parent else {}))
@@ -162,9 +164,10 @@ def main(recipe: Recipe, argv: list[str] | None = None) -> dict | None:
         sys.exit(1)
     except (KeyboardInterrupt, RuntimeError) as e:
         if not stop_requested(e): raise
-        print(f'\ninterrupted: {_RESUME_HINT}', file=sys.stderr)
+        signalled(clear=True)
+        if launched().main: print(f'\ninterrupted: {_RESUME_HINT}', file=sys.stderr)
         sys.exit(130)
-    if parent:
+    if parent and launched().main:
         from .report import (
             write_comparison,  # here: `python -m cifar_fa.report` warns if importing cifar_fa already did
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 from .callbacks import last_epoch
 from .config import RUN_SETTINGS, RunConfig, RunError, flag
 from .data import data_name
+from .distributed import Processes
 
 __all__ = ['RUN_FILES', 'holds_run', 'no_epoch_done', 'prepare_out']
 
@@ -42,8 +43,8 @@ def _check_replaceable(out: Path) -> None:
     raise RunError(f"{out} is not a run folder ({why}); --overwrite replaces only a run: pass another --out")
 
 
-def prepare_out(cfg: RunConfig, spec: str, fingerprint: dict) -> tuple[Path, dict]:
-    """The run folder, checked and made, and on --resume the config.json of the run it continues."""
+def _checked_out(cfg: RunConfig, spec: str, fingerprint: dict, processes: int) -> tuple[Path, dict]:
+    """The run folder and, on --resume, its config.json; raises `RunError` on what the run may not do there."""
     out = Path(cfg.out or f'runs/{cfg.recipe}_{cfg.norm}')
     if out.exists() and not out.is_dir(): raise RunError(f"{out} is a file, not a run folder; pass another --out")
     if holds_run(out) and not (cfg.resume or cfg.overwrite):
@@ -61,15 +62,29 @@ def prepare_out(cfg: RunConfig, spec: str, fingerprint: dict) -> tuple[Path, dic
         was = ', '.join(flag(k, prev[k]) if prev[k] is not None else f"no --{k.replace('_', '-')}" for k in changed)
         raise RunError(f"{out} was trained with {was}; "
                        "resume it with the same settings, or start a new run in another --out")
-    if cfg.overwrite and not cfg.resume and holds_run(out):
-        _check_replaceable(out)
-        try: shutil.rmtree(out)
+    if cfg.resume and (n := prev.get('processes', 1)) != processes:
+        how = 'in one process, without a launcher' if n == 1 else f'with {n} (torchrun --nproc_per_node {n})'
+        raise RunError(f"{out} was trained by {n} process{'es' * (n > 1)}, not {processes}: resume it {how}")
+    if cfg.overwrite and not cfg.resume and holds_run(out): _check_replaceable(out)
+    return out, prev
+
+
+def prepare_out(cfg: RunConfig, spec: str, fingerprint: dict, procs: Processes | None = None) -> tuple[Path, dict]:
+    """The run folder, checked and made, and on --resume the config.json of the run it continues. Every process checks
+    (so that all stop on the same error), rank 0 alone makes it."""
+    procs = procs or Processes()
+    out, prev = _checked_out(cfg, spec, fingerprint, procs.count)
+    procs.wait()  # no process checks a folder that rank 0 has begun to change
+    if procs.main:
+        if cfg.overwrite and not cfg.resume and holds_run(out):
+            try: shutil.rmtree(out)
+            except OSError as e:
+                raise RunError(f"cannot remove {out} ({e.strerror or e}); "
+                               "remove it yourself or pass another --out") from None
+        try: out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise RunError(f"cannot remove {out} ({e.strerror or e}); "
-                           "remove it yourself or pass another --out") from None
-    try: out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"cannot make the run folder {out} ({e.strerror}); pass another --out") from None
+            raise RunError(f"cannot make the run folder {out} ({e.strerror}); pass another --out") from None
+    procs.wait()
     return out, prev
 
 

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ['atomic_write', 'interrupts_held', 'memory_bytes', 'process_age', 'stop_on_sigterm', 'stop_requested',
-           'memory_refused']
+__all__ = ['atomic_write', 'interrupts_held', 'memory_bytes', 'process_age', 'stop_on_signals', 'signalled',
+           'stop_requested', 'memory_refused']
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -54,7 +54,11 @@ def _quiet_half_built_loader(unraisable) -> None:
         sys.__unraisablehook__(unraisable)
 
 
+_signalled: list[int] = []  # the signals `_interrupt` took, until `signalled(clear=True)`
+
+
 def _interrupt(signum, frame):
+    _signalled.append(signum)
     # `pkill -f` or a cluster's scheduler signals the DataLoader workers too: torch's SIGCHLD handler would then
     # report their deaths as a second error while the interrupt unwinds. A Python no-op, not SIG_DFL: a SIGCHLD
     # already pending would otherwise surface as "OSError: Signal 17 ignored due to race condition"
@@ -63,9 +67,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def stop_on_sigterm() -> None:
-    """Make SIGTERM (`kill`, a job scheduler) stop the run like Ctrl-C, keeping its checkpoints."""
-    signal.signal(signal.SIGTERM, _interrupt)
+def stop_on_signals() -> None:
+    """Make Ctrl-C and SIGTERM (`kill`, a job scheduler, a launcher) stop the run, keeping its checkpoints, and
+    remember them (`signalled`): the KeyboardInterrupt they raise is lost when it lands in a hook that swallows
+    exceptions, such as logging's at-fork hook while DataLoader workers start."""
+    signalled(clear=True)
+    for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, _interrupt)
+
+
+def signalled(clear: bool = False) -> bool:
+    """Whether Ctrl-C or SIGTERM arrived since `stop_on_signals` (or the last `clear`)."""
+    got = bool(_signalled)
+    if clear: _signalled.clear()
+    return got
 
 
 def stop_requested(e: BaseException) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -14,6 +15,7 @@ import fastai.callback.all  # noqa: F401 (patches fit_one_cycle, lr_find, summar
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
+import torch.nn as nn
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
@@ -30,10 +32,12 @@ from .callbacks import (
     PlainProgress,
     ResumableCSVLogger,
     StopOnNaN,
+    StopWhenSignalled,
     last_epoch,
 )
 from .config import OPTIMIZERS, Recipe, RunConfig, RunError
 from .data import DataError, cifar10_path, cifar_dls, data_fingerprint, data_name
+from .distributed import Processes, alone, check_launch, data_parallel, launched
 from .interpret import flip_tta_accuracy, plot_curves, review
 from .models import SpecNet, count_params
 from .receptive_field import rf_table, total_rf
@@ -43,9 +47,10 @@ from .system import atomic_write, memory_bytes, process_age
 __all__ = ['build_model', 'build_learner', 'describe', 'run', 'pick_device']
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` is CUDA when present, else CPU; `cuda` without a GPU is an error."""
-    if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+def pick_device(name: str, procs: Processes | None = None) -> torch.device:
+    """`auto` is CUDA when present, else CPU; `cuda` without a GPU is an error. Of several processes on a machine, each
+    takes the GPU of its local rank."""
+    if name == 'auto': name = 'cuda' if torch.cuda.is_available() else 'cpu'
     try: device = torch.device(name)
     except RuntimeError: device = None
     if device is None or device.type not in ('cpu', 'cuda'):
@@ -55,6 +60,14 @@ def pick_device(name: str) -> torch.device:
     if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
         raise RunError(f"--device {name} was asked for but {torch.cuda.device_count()} CUDA GPUs are visible "
                        "(cuda:0 is the first)")
+    if device.type == 'cuda' and procs and procs.count > 1:
+        if device.index is not None:
+            raise RunError(f"--device {name} picks one GPU, but {procs.count} processes share the run: pass "
+                           "--device cuda (each process takes the GPU of its local rank)")
+        if (n := torch.cuda.device_count()) < procs.local_count:
+            raise RunError(f"{procs.local_count} processes on this machine need a GPU each, but {n} "
+                           f"{'is' if n == 1 else 'are'} visible: launch at most {n}, or pass --device cpu")
+        device = torch.device('cuda', procs.local_rank)
     return device
 
 
@@ -88,14 +101,18 @@ def describe(recipe: Recipe, model: SpecNet) -> str:
 
 def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model: SpecNet | None = None,
                   data_path: Path | None = None) -> Learner:
-    """DataLoaders and Learner for `recipe` with `cfg` (no training); mixed precision and channels_last on CUDA."""
-    device = pick_device(cfg.device)
+    """DataLoaders and Learner for `recipe` with `cfg` (no training); mixed precision and channels_last on CUDA. Under a
+    launcher of several processes, this process's share: batches of `cfg.bs` / processes, its GPU, its workers."""
+    procs = launched()
+    check_launch(cfg, procs)
+    device = pick_device(cfg.device, procs)
     set_seed(cfg.seed, reproducible=True)
     model = build_model(recipe, cfg) if model is None else model
-    dls = cifar_dls(data_path or cifar10_path(cfg.data), recipe.augs, bs=cfg.bs, n_per_class=cfg.subset,
-                    workers=cfg.workers, device=device, holdout=cfg.holdout)
+    workers = cfg.workers if cfg.workers is not None else max(1, min(4, (os.cpu_count() or 1) // procs.local_count))
+    dls = cifar_dls(data_path or cifar10_path(cfg.data), recipe.augs, bs=cfg.bs // procs.count,
+                    n_per_class=cfg.subset, workers=workers, device=device, holdout=cfg.holdout)
     if len(dls.train) == 0:  # fastai drops the last partial batch, and would fail later on an empty DataLoader
-        raise DataError(f'{len(dls.train_ds):,} training images make no full batch of {cfg.bs}; '
+        raise DataError(f'{len(dls.train_ds):,} training images make no full batch of {dls.train.bs}; '
                         'lower --bs or raise --subset')
     if model.out_features != len(dls.vocab):
         raise RunError(f"the network outputs {model.out_features:,} values per image "
@@ -140,30 +157,35 @@ class _Laps:
 def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
     """Train `recipe` as `cfg` says (its network: `model`, else `build_model`'s) and write the run folder; return the
     metrics."""
-    t0, lap = time.time(), _Laps()
+    t0, lap, procs = time.time(), _Laps(), launched()
+    check_launch(cfg, procs)
     model = build_model(recipe, cfg) if model is None else model
     lap('model')
-    data_path = cifar10_path(cfg.data)
+    backend = procs.join(cpu=pick_device(cfg.device, procs).type == 'cpu')
+    with procs.main_first(): data_path = cifar10_path(cfg.data)  # one download, not one per process
     fingerprint = data_fingerprint(data_path)
     lap('data')
     # bad data, device or head fail before any output
     learn = build_learner(recipe, cfg, model=model, data_path=data_path)
     lap('dataloaders')
     data = dict(data_path=str(data_path), data_fingerprint=fingerprint, data_name=data_name(fingerprint))
-    out, prev = prepare_out(cfg, model.spec, fingerprint)
+    out, prev = prepare_out(cfg, model.spec, fingerprint, procs)
     if cfg.resume and (out / 'metrics.json').exists():  # finished: nothing to train, nothing to rewrite
-        print(f'{out} is a finished run; nothing to resume')
+        if procs.main: print(f'{out} is a finished run; nothing to resume')
         return json.loads((out / 'metrics.json').read_text())
     learn.path = out
-    if not sys.stdout.isatty(): learn.remove_cb(ProgressCallback).add_cb(PlainProgress())  # bars garble log files
+    if not procs.main: learn.remove_cb(ProgressCallback)
+    elif not sys.stdout.isatty(): learn.remove_cb(ProgressCallback).add_cb(PlainProgress())  # bars garble log files
     device = learn.dls.device
     start = last_epoch(out / 'checkpoints') + 1 if cfg.resume else 0
     state = None
     if cfg.resume:
         learn.load('last', with_opt=True)
         state = json.loads((out / 'checkpoints' / 'last.json').read_text()).get('state')
-        hist = pd.read_csv(out / 'history.csv')  # drop any row logged after the checkpoint was taken
-        atomic_write(out / 'history.csv', hist[hist.epoch < start].to_csv(index=False))
+        procs.wait()  # every process has read the checkpoint before rank 0 writes the next
+        if procs.main:
+            hist = pd.read_csv(out / 'history.csv')  # drop any row logged after the checkpoint was taken
+            atomic_write(out / 'history.csv', hist[hist.epoch < start].to_csv(index=False))
     lr = prev.get('lr_used') if cfg.resume else cfg.lr
     if lr == 'find':
         lr = float(learn.lr_find().valley)
@@ -173,38 +195,55 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
     earlier = prev.get('devices', [])
     # a run resumed elsewhere names each device in turn
     devices = earlier if earlier[-1:] == [name] else [*earlier, name]
-    config = dict(asdict(cfg), lr_used=lr, spec=model.spec, augs=[repr(a) for a in recipe.augs], **data,
+    # SyncBatchNorm: batch statistics over the global batch, as in one process; torch's runs on CUDA only
+    sync_bn = procs.count > 1 and device.type == 'cuda' and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    parallel = dict(processes=procs.count, backend=backend, global_bs=cfg.bs, per_process_bs=cfg.bs // procs.count,
+                    sync_bn=sync_bn)
+    config = dict(asdict(cfg), lr_used=lr, spec=model.spec, augs=[repr(a) for a in recipe.augs], **data, **parallel,
                   classes=list(learn.dls.vocab), device_name=name, devices=devices, versions=_versions(), argv=sys.argv)
-    atomic_write(out / 'config.json', json.dumps(config, indent=2))
-    summary = describe(recipe, model)
-    atomic_write(out / 'summary.txt', f'{summary}\n{learn.summary()}\n')
-    csv, phases = ResumableCSVLogger('history.csv', append=cfg.resume), PhaseTimes()
+    phases = PhaseTimes()
+    cbs = [EpochState(reseed=(cfg.seed, procs.rank)), phases, StopWhenSignalled()]
+    if procs.main:
+        atomic_write(out / 'config.json', json.dumps(config, indent=2))
+        with alone(): atomic_write(out / 'summary.txt', f'{describe(recipe, model)}\n{learn.summary()}\n')
+        if procs.count > 1:
+            norm = f'{cfg.norm}: per image, nothing to sync' if cfg.norm != 'bn' else \
+                'SyncBatchNorm' if sync_bn else 'BatchNorm per process (SyncBatchNorm needs CUDA)'
+            print(f'data-parallel: {procs.count} processes ({backend}), global batch {cfg.bs} = {procs.count} x '
+                  f'{cfg.bs // procs.count}; {norm}', flush=True)
+        csv = ResumableCSVLogger('history.csv', append=cfg.resume)
+        cbs = [csv, EpochCheckpoint(), EpochState(state), phases, StopWhenSignalled()]
     lap('setup')
-    try: learn.fit_one_cycle(cfg.epochs, lr, start_epoch=start, cbs=[csv, EpochCheckpoint(), EpochState(state), phases])
+    try:
+        with data_parallel(learn, procs, sync_bn): learn.fit_one_cycle(cfg.epochs, lr, start_epoch=start, cbs=cbs)
     finally:
-        if hasattr(csv, 'file'): csv.file.close()  # an interrupted fit never reaches CSVLogger.after_fit
+        if procs.main and hasattr(csv, 'file'): csv.file.close()  # an interrupted fit never reaches CSVLogger.after_fit
     lap('fit')
-    history = pd.read_csv(out / 'history.csv')
-    title = f'{recipe.name} --norm {cfg.norm}'
-    split = 'holdout' if cfg.holdout else 'test'  # what the valid columns and the review measure
-    plot_curves(history, title, learn.dls.valid_name).savefig(out / 'curves.png', dpi=110, bbox_inches='tight')
-    metrics = dict(recipe=recipe.name, norm=cfg.norm, params=count_params(model), rf=total_rf(model.spec),
-                   epochs=int(history.epoch.iloc[-1]) + 1, train_accuracy=float(history.train_accuracy.iloc[-1]),
-                   **review(learn, out, title, split=split), epoch_seconds=int(_seconds(history.time).sum()),
-                   device=', then '.join(devices),
-                   data=str(data_path), data_fingerprint=data['data_fingerprint'], data_name=data['data_name'],
-                   subset=cfg.subset, outside_assignment=cfg.outside_assignment)
-    lap('review')
-    if recipe.tta:
-        metrics[f'flip_tta_{split}_accuracy'] = flip_tta_accuracy(learn)
-        lap('tta')
-    learn.export('model.pkl')
-    learn.save((out / 'model').resolve(), with_opt=False)  # plain weights: loading them runs no code
-    lap('export')
-    metrics['wall_seconds'] = round(time.time() - t0, 1)  # this invocation (after --resume: the resumed part only)
-    fit = lap.laps.pop('fit')
-    metrics['timings'] = dict(startup=lap.startup, **lap.laps, train=round(phases.train, 2),
-                              valid=round(phases.valid, 2), fit_other=round(fit - phases.train - phases.valid, 2))
-    metrics['resumed'] = cfg.resume
-    atomic_write(out / 'metrics.json', json.dumps(metrics, indent=2))
-    return metrics
+    if not procs.main: return {}  # rank 0 reviews, exports and holds the metrics
+    # rank 0 alone: fastai's gathers would wait for the other processes, which have stopped
+    with alone():
+        history = pd.read_csv(out / 'history.csv')
+        title = f'{recipe.name} --norm {cfg.norm}'
+        split = 'holdout' if cfg.holdout else 'test'  # what the valid columns and the review measure
+        plot_curves(history, title, learn.dls.valid_name).savefig(out / 'curves.png', dpi=110, bbox_inches='tight')
+        metrics = dict(recipe=recipe.name, norm=cfg.norm, params=count_params(model), rf=total_rf(model.spec),
+                       epochs=int(history.epoch.iloc[-1]) + 1, train_accuracy=float(history.train_accuracy.iloc[-1]),
+                       **review(learn, out, title, split=split), epoch_seconds=int(_seconds(history.time).sum()),
+                       device=', then '.join(devices),
+                       data=data['data_path'], data_fingerprint=data['data_fingerprint'], data_name=data['data_name'],
+                       subset=cfg.subset, outside_assignment=cfg.outside_assignment, **parallel)
+        lap('review')
+        if recipe.tta:
+            metrics[f'flip_tta_{split}_accuracy'] = flip_tta_accuracy(learn)
+            lap('tta')
+        learn.export('model.pkl')
+        learn.save((out / 'model').resolve(), with_opt=False)  # plain weights: loading them runs no code
+        lap('export')
+        metrics['wall_seconds'] = round(time.time() - t0, 1)  # this invocation (after --resume: the resumed part only)
+        fit = lap.laps.pop('fit')
+        train, valid = phases.train_s, phases.valid_s
+        metrics['timings'] = dict(startup=lap.startup, **lap.laps, train=round(train, 2), valid=round(valid, 2),
+                                  fit_other=round(fit - train - valid, 2))
+        metrics['resumed'] = cfg.resume
+        atomic_write(out / 'metrics.json', json.dumps(metrics, indent=2))
+        return metrics

@@ -107,9 +107,9 @@ def test_sigterm_with_a_pending_sigchld_is_one_interrupt():
     # SIGTERM to the process group: the workers' SIGCHLD can be pending when the SIGTERM handler runs
     code = """if True:
         import signal, threading
-        from cifar_fa.system import stop_on_sigterm
+        from cifar_fa.system import stop_on_signals
         signal.signal(signal.SIGCHLD, lambda *a: print('SIGCHLD handled'))  # as torch's DataLoader installs one
-        stop_on_sigterm()
+        stop_on_signals()
         both = {signal.SIGTERM, signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, both)
         # to this thread: torch's threads do not block them and would take a signal sent to the process
@@ -133,8 +133,8 @@ def test_sigterm_during_a_loader_iterators_start_is_one_interrupt():
     code = """if True:
         import signal
         from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
-        from cifar_fa.system import stop_on_sigterm
-        stop_on_sigterm()
+        from cifar_fa.system import stop_on_signals
+        stop_on_signals()
         try: signal.raise_signal(signal.SIGTERM)
         except KeyboardInterrupt: print('interrupted')
         half_built = _MultiProcessingDataLoaderIter.__new__(_MultiProcessingDataLoaderIter)

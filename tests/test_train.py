@@ -351,6 +351,29 @@ def test_nan_loss_stops_with_advice(synth):
     with pytest.raises(DivergedError, match='lower --lr'): learn.fit(1, 1e-3)
 
 
+def test_ctrl_c_swallowed_on_its_way_still_stops_at_the_next_batch(synth):
+    from fastai.callback.core import Callback
+
+    from cifar_fa.callbacks import StopWhenSignalled
+    from cifar_fa.system import stop_on_signals
+
+    class SwallowedCtrlC(Callback):  # as logging's at-fork hook swallows it while DataLoader workers start
+        def after_batch(self):
+            if self.iter == 0:
+                try: signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt: pass
+
+    learn = build_learner(S8, RunConfig('s8', bs=4, workers=0, device='cpu', data=str(synth), subset=4))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop_on_signals()
+    try:
+        with pytest.raises(KeyboardInterrupt): learn.fit(1, 1e-3, cbs=[SwallowedCtrlC(), StopWhenSignalled()])
+        assert learn.iter == 1  # the batch after the signal never ran
+        learn.fit(1, 1e-3, cbs=StopWhenSignalled())  # a later fit is not stopped by that spent signal
+    finally:
+        for sig, handler in handlers.items(): signal.signal(sig, handler)
+
+
 def test_recorder_keeps_cpu_training_losses_as_floats(synth):
     learn = build_learner(S8, RunConfig('s8', bs=4, workers=0, device='cpu', data=str(synth), subset=2))
     learn.fit(2, 1e-3)
