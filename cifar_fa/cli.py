@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import fields, replace
@@ -125,9 +126,18 @@ def one_line_errors() -> Iterator[None]:
     """Stop with one line on stderr and exit status 2 on the errors a user can fix: bad input, broken constraints."""
     try: yield
     except (ConstraintError, DataError, RunError, DivergedError) as e:
-        # every process of a launch stops on the same error: one says it; fastai prefixes callback errors
-        if launched().main: print(f'error: {str(e).strip().splitlines()[-1].strip()}', file=sys.stderr)
+        if not launched().main and _stopped_meanwhile(): sys.exit(2)  # rank 0 met it too, and said it
+        print(f'error: {str(e).strip().splitlines()[-1].strip()}', file=sys.stderr)  # fastai prefixes callback errors
         sys.exit(2)
+
+
+def _stopped_meanwhile(seconds: float = 10) -> bool:
+    """Wait up to `seconds` for the launcher to stop this process; whether it did. Every process of a launch meets the
+    same bad input; rank 0 says it, and the launcher stops the others as soon as one ends, so the others wait for that
+    rather than end first, which could stop rank 0 before it has said it."""
+    try: time.sleep(seconds)
+    except KeyboardInterrupt: return True  # SIGTERM, through `stop_on_signals`
+    return False
 
 
 def _constraints_line(recipe: Recipe, cfg: RunConfig, model: SpecNet) -> str:
