@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ContextManager, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -48,11 +48,17 @@ class Processes:
         """Wait until every process gets here."""
         if self.count > 1 and dist.is_initialized(): dist.barrier()
 
-    def main_first(self) -> ContextManager:
-        """Run the block in rank 0 first, then in the others (e.g. a download every process needs)."""
-        if self.count == 1 or not dist.is_initialized(): return nullcontext()
-        from accelerate import PartialState
-        return PartialState().main_process_first()
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Run the block in rank 0 first, then in the others (a download or extraction every process needs). Unlike
+        accelerate's `main_process_first`, an error in rank 0 still lets the others go on, to meet it themselves."""
+        if self.count == 1 or not dist.is_initialized():
+            yield
+            return
+        if not self.main: dist.barrier()
+        try: yield
+        finally:
+            if self.main: dist.barrier()
 
 
 def launched() -> Processes:

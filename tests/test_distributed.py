@@ -89,9 +89,14 @@ def test_ctrl_c_stops_both_processes_and_the_run_resumes_under_two(data, tmp_pat
     assert m['processes'] == 2 and m['resumed'] and m['epochs'] == 6
 
 
-def test_a_batch_that_does_not_split_evenly_stops_every_process_with_one_line(data, tmp_path):
-    rc, log = finished(torchrun('--data', str(data), '--bs', '15', '--out', 'run', cwd=tmp_path))
-    assert rc != 0 and log.count('error: --bs 15 is the global batch, split evenly across the 2 processes') == 1
+@pytest.mark.parametrize('args,line', [
+    (['--bs', '15'], 'error: --bs 15 is the global batch, split evenly across the 2 processes: pass a multiple of 2'),
+    # met inside `main_first`, where the other process waits for rank 0
+    (['--data', 'nowhere'], 'error: nowhere does not exist; pass --data with a CIFAR-10 folder or .tgz'),
+])
+def test_bad_input_stops_every_process_with_one_line(data, tmp_path, args, line):
+    rc, log = finished(torchrun('--data', str(data), *args, '--out', 'run', cwd=tmp_path))
+    assert rc != 0 and log.count(line) == 1, log
     assert not (tmp_path / 'run').exists()
 
 
