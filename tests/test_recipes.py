@@ -331,6 +331,24 @@ def test_benchmark_runs_on_a_tiny_input(synth):
         assert re.search(rf'^{figure}.*\s[\d.]+$', r.stdout, re.M), r.stdout
 
 
+def test_timing_benchmark_times_each_recipe_in_its_own_process(synth, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'timing.py'), '--recipes', 's8', 's7', '--data',
+                        str(synth), '--out', str(tmp_path), '--', '--subset', '2', '--epochs', '1', '--bs', '8',
+                        '--device', 'cpu', '--workers', '0'], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.strip().splitlines()
+    assert header.startswith('recipe | process s | startup s') and [x.split(' | ')[0] for x in rows] == ['s8', 's7']
+    for line in rows:
+        cells = line.split(' | ')
+        assert float(cells[1]) > float(cells[2]) > 0 and cells[-1].startswith('CPU')  # the process outlasts start-up
+    assert (tmp_path / 's7' / 'metrics.json').exists()
+    bad = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'timing.py'), '--recipes', 's8', '--out',
+                          str(tmp_path), '--', '--data', '/no/such/dir'], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and bad.stderr.strip() == (
+        's8 failed (exit status 2): error: /no/such/dir does not exist; pass --data with a CIFAR-10 folder or .tgz '
+        '(or set CIFAR10_DIR)')
+
+
 @pytest.mark.parametrize('args,msg', [
     (['--batches', 0], 'argument --batches: must be positive'),
     (['--repeats', 0], 'argument --repeats: must be positive'),
