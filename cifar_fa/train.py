@@ -201,8 +201,9 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
                     sync_bn=sync_bn)
     config = dict(asdict(cfg), lr_used=lr, spec=model.spec, augs=[repr(a) for a in recipe.augs], **data, **parallel,
                   classes=list(learn.dls.vocab), device_name=name, devices=devices, versions=_versions(), argv=sys.argv)
-    phases = PhaseTimes()
-    cbs = [EpochState(reseed=(cfg.seed, procs.rank)), phases, StopWhenSignalled()]
+    phases, csv = PhaseTimes(), ResumableCSVLogger('history.csv', append=cfg.resume) if procs.main else None
+    # rank 0 keeps the checkpoint and its RNG states; each other rank reseeds from (seed, rank, epoch)
+    cbs = [EpochState(state) if procs.main else EpochState(reseed=(cfg.seed, procs.rank)), phases, StopWhenSignalled()]
     if procs.main:
         atomic_write(out / 'config.json', json.dumps(config, indent=2))
         with alone(): atomic_write(out / 'summary.txt', f'{describe(recipe, model)}\n{learn.summary()}\n')
@@ -211,13 +212,12 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
                 'SyncBatchNorm' if sync_bn else 'BatchNorm per process (SyncBatchNorm needs CUDA)'
             print(f'data-parallel: {procs.count} processes ({backend}), global batch {cfg.bs} = {procs.count} x '
                   f'{cfg.bs // procs.count}; {norm}', flush=True)
-        csv = ResumableCSVLogger('history.csv', append=cfg.resume)
-        cbs = [csv, EpochCheckpoint(), EpochState(state), phases, StopWhenSignalled()]
+        cbs += [csv, EpochCheckpoint()]
     lap('setup')
     try:
         with data_parallel(learn, procs, sync_bn): learn.fit_one_cycle(cfg.epochs, lr, start_epoch=start, cbs=cbs)
     finally:
-        if procs.main and hasattr(csv, 'file'): csv.file.close()  # an interrupted fit never reaches CSVLogger.after_fit
+        if hasattr(csv, 'file'): csv.file.close()  # an interrupted fit never reaches CSVLogger.after_fit
     lap('fit')
     if not procs.main: return {}  # rank 0 reviews, exports and holds the metrics
     # rank 0 alone: fastai's gathers would wait for the other processes, which have stopped
