@@ -15,12 +15,13 @@ from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.learner import Recorder
 from fastai.torch_core import set_seed
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .distributed import unwrapped
+from .distributed import unwrapped, unwrapped_model
 from .system import interrupts_held, signalled
 
 __all__ = ['GroupNormLikeBN', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN',
-           'PhaseTimes', 'FloatLosses', 'DivergedError', 'StopWhenSignalled', 'last_epoch']
+           'PhaseTimes', 'FloatLosses', 'DivergedError', 'StopWhenSignalled', 'WeightsEMA', 'last_epoch']
 
 
 class GroupNormLikeBN(Callback):
@@ -163,8 +164,50 @@ class EpochState(Callback):
             if hasattr(tfm, 'reseed'): tfm.reseed()
 
 
+class WeightsEMA(Callback):
+    """Keep an exponential moving average of the weights and norm buffers (torch's `AveragedModel`), updated after
+    every optimizer step; validate with it, and leave it in the model when `fit` ends, for the review and the export.
+    `state` (`state_dict`'s, from a checkpoint) continues an average on --resume."""
+
+    def __init__(self, decay: float, state: dict | None = None):
+        self.decay, self.state = decay, state
+
+    def before_fit(self):
+        if self.learn.opt is None: return  # get_preds and summary run the fit events without an optimizer
+        live = unwrapped_model(self.learn.model)
+        self.ema = AveragedModel(live, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+        if self.state is not None: self.ema.load_state_dict(self.state)
+        self.state = None
+
+    def after_step(self): self.ema.update_parameters(unwrapped_model(self.learn.model))
+
+    def _swap(self):
+        with torch.no_grad():
+            for live, avg in zip(unwrapped_model(self.learn.model).state_dict().values(),
+                                 self.ema.module.state_dict().values()):
+                tmp = live.clone()
+                live.copy_(avg)
+                avg.copy_(tmp)
+
+    def before_validate(self):
+        if hasattr(self, 'ema') and self.ema.n_averaged > 0: self._swap()
+
+    def after_validate(self):
+        if hasattr(self, 'ema') and self.ema.n_averaged > 0: self._swap()
+
+    def after_fit(self):
+        if not hasattr(self, 'ema'): return
+        if self.ema.n_averaged > 0: unwrapped_model(self.learn.model).load_state_dict(self.ema.module.state_dict())
+        del self.ema
+
+    def state_dict(self) -> dict:
+        """The average so far, for a checkpoint."""
+        return self.ema.state_dict()
+
+
 class EpochCheckpoint(Callback):
-    """After each trained epoch, atomically save model, optimizer, epoch and `epoch_state` to `model_dir/last.*`."""
+    """After each trained epoch, atomically save model, optimizer, epoch and `epoch_state` to `model_dir/last.*`, and
+    the average of a `WeightsEMA` to `model_dir/last.ema.pth`."""
     order = 65  # after the Recorder and the CSV logger have written the epoch
 
     def before_epoch(self): self.trained = False
@@ -175,9 +218,12 @@ class EpochCheckpoint(Callback):
         tmp = self.learn.save('last.tmp', with_opt=True)
         info = tmp.with_name('last.json.tmp')
         info.write_text(json.dumps({'epoch': self.epoch, 'n_epoch': self.n_epoch, 'state': epoch_state(self.learn)}))
+        files = {tmp: 'last.pth', info: 'last.json'}
+        if ema := next((cb for cb in self.learn.cbs if isinstance(cb, WeightsEMA)), None):
+            torch.save(ema.state_dict(), ema_tmp := tmp.with_name('last.ema.pth.tmp'))
+            files = {ema_tmp: 'last.ema.pth', **files}
         with interrupts_held():  # the weights of one epoch never sit beside the epoch number of another
-            os.replace(tmp, tmp.with_name('last.pth'))
-            os.replace(info, tmp.with_name('last.json'))
+            for f, name in files.items(): os.replace(f, f.with_name(name))
 
 
 def last_epoch(model_dir: Path) -> int | None:

@@ -83,6 +83,9 @@ def parser(recipe: Recipe, given_only: bool = False) -> argparse.ArgumentParser:
                    help='weight-standardized convs (zero-mean, unit-variance filters)')
     p.add_argument('--label-smoothing', type=_fraction, default=d['label_smoothing'],
                    help='label smoothing of the loss')
+    p.add_argument('--ema', type=_fraction, default=d['ema'], metavar='DECAY',
+                   help='validate and export a moving average of the weights, updated after every step with this '
+                        'decay (e.g. 0.999); 0: the weights themselves')
     p.add_argument('--seed', type=_seed, default=d['seed'], help='seed of every random generator')
     p.add_argument('--workers', type=non_negative(int), default=d['workers'],
                    help='DataLoader workers (default: min(4, CPUs))')

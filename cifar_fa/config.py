@@ -51,6 +51,7 @@ class RunConfig:
     dropout: float = 0.
     ws: bool = False  # weight-standardized convs
     label_smoothing: float = 0.
+    ema: float = 0.  # decay of the weights' moving average that validates and is exported; 0: the weights themselves
     seed: int = 42
     workers: int | None = None
     device: str = 'auto'
@@ -65,8 +66,8 @@ class RunConfig:
 
 
 # what a run trains, besides its spec (the other settings say where and how fast): a resumed run keeps them all
-RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'dropout', 'ws', 'seed', 'subset',
-                'holdout')
+RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'ema', 'dropout', 'ws', 'seed',
+                'subset', 'holdout')
 
 
 def flag(name: str, value: object) -> str:

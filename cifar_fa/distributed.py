@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from fastai.distributed import DistributedDL, DistributedTrainer
 from fastai.learner import Learner
+from torch.nn.parallel import DistributedDataParallel
 
 from .config import RunConfig, RunError
 
@@ -21,7 +22,7 @@ from .config import RunConfig, RunError
 warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides', category=UserWarning)
 
 __all__ = ['Processes', 'launched', 'check_launch', 'ProcessGroupDL', 'Trainer', 'data_parallel', 'plain_batchnorm',
-           'alone', 'unwrapped']
+           'alone', 'unwrapped', 'unwrapped_model']
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,11 @@ def alone() -> Iterator[None]:
     finally:
         if size is None: os.environ.pop('WORLD_SIZE', None)
         else: os.environ['WORLD_SIZE'] = size
+
+
+def unwrapped_model(model: nn.Module) -> nn.Module:
+    """The network a `DistributedDataParallel` wraps, or `model` itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def unwrapped(dl):

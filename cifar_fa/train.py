@@ -33,6 +33,7 @@ from .callbacks import (
     ResumableCSVLogger,
     StopOnNaN,
     StopWhenSignalled,
+    WeightsEMA,
     last_epoch,
 )
 from .config import OPTIMIZERS, Recipe, RunConfig, RunError
@@ -178,10 +179,11 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
     elif not sys.stdout.isatty(): learn.remove_cb(ProgressCallback).add_cb(PlainProgress())  # bars garble log files
     device = learn.dls.device
     start = last_epoch(out / 'checkpoints') + 1 if cfg.resume else 0
-    state = None
+    state = ema = None
     if cfg.resume:
         learn.load('last', with_opt=True)
         state = json.loads((out / 'checkpoints' / 'last.json').read_text()).get('state')
+        if cfg.ema: ema = torch.load(out / 'checkpoints' / 'last.ema.pth', map_location=device)
         procs.wait()  # every process has read the checkpoint before rank 0 writes the next
         if procs.main:
             hist = pd.read_csv(out / 'history.csv')  # drop any row logged after the checkpoint was taken
@@ -204,6 +206,7 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
     phases, csv = PhaseTimes(), ResumableCSVLogger('history.csv', append=cfg.resume) if procs.main else None
     # rank 0 keeps the checkpoint and its RNG states; each other rank reseeds from (seed, rank, epoch)
     cbs = [EpochState(state) if procs.main else EpochState(reseed=(cfg.seed, procs.rank)), phases, StopWhenSignalled()]
+    if cfg.ema: cbs.append(WeightsEMA(cfg.ema, ema))
     if procs.main:
         atomic_write(out / 'config.json', json.dumps(config, indent=2))
         with alone(): atomic_write(out / 'summary.txt', f'{describe(recipe, model)}\n{learn.summary()}\n')

@@ -141,6 +141,51 @@ def test_interrupted_run_resumes_to_the_same_history(synth, tmp_path, monkeypatc
             and 'resumed invocation' in row)
 
 
+def test_ema_validates_and_exports_the_average_of_the_weights(synth):
+    from fastai.callback.core import Callback
+
+    from cifar_fa.callbacks import WeightsEMA
+
+    class LastWeights(Callback):
+        order = 1  # after WeightsEMA has read them
+
+        def after_step(self): self.state = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+
+    cfg = RunConfig('s8', norm='bn', epochs=2, bs=16, workers=0, device='cpu', data=str(synth), subset=4)
+    for decay in (1., 0., .5):  # 1: the average never leaves the first step's weights; 0: it is the last step's
+        learn = build_learner(S8, cfg)
+        last = LastWeights()
+        learn.fit(2, 1e-2, cbs=[WeightsEMA(decay), last])
+        after = learn.model.state_dict()
+        trained = {k: (after[k] - v).abs().max() for k, v in last.state.items() if v.is_floating_point()}
+        if decay == 0: assert max(trained.values()) == 0
+        else: assert min(trained.values()) > 0  # every weight and norm buffer is the average's, not the last step's
+        # the last epoch validated the average
+        assert learn.recorder.values[-1][2] == pytest.approx(learn.validate()[0], rel=1e-5)
+
+
+def test_ema_run_resumes_to_the_same_history(synth, tmp_path, monkeypatch):
+    from cifar_fa.callbacks import EpochCheckpoint
+    save = EpochCheckpoint.after_epoch
+
+    def interrupt_after_epoch_0(self):
+        save(self)
+        raise KeyboardInterrupt
+
+    kw = dict(norm='bn', epochs=3, bs=16, lr=1e-2, ema=0.9, workers=0, device='cpu', data=str(synth), subset=4)
+    full = run(S8, RunConfig('s8', out=str(tmp_path / 'full'), **kw))
+    monkeypatch.setattr(EpochCheckpoint, 'after_epoch', interrupt_after_epoch_0)
+    with pytest.raises(KeyboardInterrupt): run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), **kw))
+    assert (tmp_path / 'cut' / 'checkpoints' / 'last.ema.pth').exists()
+    monkeypatch.setattr(EpochCheckpoint, 'after_epoch', save)
+    resumed = run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **kw))
+    h_full, h_cut = (pd.read_csv(tmp_path / d / 'history.csv') for d in ('full', 'cut'))
+    pd.testing.assert_frame_equal(h_full.drop(columns='time'), h_cut.drop(columns='time'))
+    assert resumed['test_accuracy'] == full['test_accuracy']
+    with pytest.raises(RunError, match='was trained with --ema 0.9'):
+        run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **{**kw, 'ema': 0.}))
+
+
 def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(synth, tmp_path, monkeypatch):
     import cifar_fa.callbacks as cbs
     replace_file, weights_saved = os.replace, []
