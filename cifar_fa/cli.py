@@ -90,6 +90,9 @@ def parser(recipe: Recipe, given_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--workers', type=non_negative(int), default=d['workers'],
                    help='DataLoader workers (default: min(4, CPUs))')
     p.add_argument('--device', default=d['device'], help='auto, cpu or cuda')
+    p.add_argument('--deterministic', action=argparse.BooleanOptionalAction, default=d['deterministic'],
+                   help="CUDA: cuDNN's deterministic kernels (a rerun repeats the run); --no-deterministic lets cuDNN "
+                        "pick the fastest for each layer, which may change the last digits")
     p.add_argument('--spec', default=d['spec'],
                    help="the network as a spec string (README: Models are specs) instead of the "
                         "recipe's SPEC; the assignment's constraints still apply")

@@ -54,6 +54,7 @@ class RunConfig:
     ema: float = 0.  # decay of the weights' moving average that validates and is exported; 0: the weights themselves
     seed: int = 42
     workers: int | None = None
+    deterministic: bool = True  # cuDNN's deterministic kernels; off: cuDNN times its kernels and keeps the fastest
     device: str = 'auto'
     data: str | None = None
     subset: int | None = None

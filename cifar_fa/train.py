@@ -109,6 +109,7 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
     device = pick_device(cfg.device, procs)
     set_seed(cfg.seed, reproducible=True)
     model = build_model(recipe, cfg) if model is None else model
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cfg.deterministic, not cfg.deterministic
     workers = cfg.workers if cfg.workers is not None else max(1, min(4, (os.cpu_count() or 1) // procs.local_count))
     dls = cifar_dls(data_path or cifar10_path(cfg.data), recipe.augs, bs=cfg.bs // procs.count,
                     n_per_class=cfg.subset, workers=workers, device=device, holdout=cfg.holdout)

@@ -379,6 +379,16 @@ def test_a_cpu_run_on_a_gpu_machine_leaves_the_gpus_alone(synth, monkeypatch):
     set_epoch_state(learn, {**state, 'cuda': [[0] * 16] * 8})  # a checkpoint of an 8-GPU machine, resumed on the CPU
 
 
+def test_deterministic_flag_sets_cudnn_for_the_run(synth, monkeypatch):
+    from cifar_fa.cli import config_from_args
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', torch.backends.cudnn.deterministic)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', torch.backends.cudnn.benchmark)
+    for argv, fast in (([], False), (['--no-deterministic'], True), (['--deterministic'], False)):
+        cfg = config_from_args(S8, [*argv, '--workers', '0', '--device', 'cpu', '--data', str(synth), '--bs', '8'])
+        build_learner(S8, cfg)
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (fast, not fast)
+
+
 def test_sgd_keeps_momentum_and_uses_l2(synth):
     cfg = RunConfig('s8', norm='bn', opt='sgd', lr=0.1, wd=5e-4, bs=16, workers=0, device='cpu', data=str(synth),
                     subset=2)
