@@ -7,6 +7,7 @@ from pathlib import Path
 import fastai.vision.learner  # noqa: F401 (registers plot_top_losses for images)
 import matplotlib
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -14,14 +15,14 @@ import torch.nn.functional as F
 from fastai.data.load import DataLoader
 from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Learner
-from fastai.torch_core import show_image, to_device
+from fastai.torch_core import show_image, to_device, to_np
 
 from .augment import A
 from .config import RunError
 from .data import AlbumentationsTransform
 
-__all__ = ['plot_curves', 'plot_misclassified', 'misclassified', 'grad_cam', 'plot_gradcam', 'review', 'flip_tta',
-           'flip_tta_accuracy']
+__all__ = ['plot_curves', 'plot_misclassified', 'misclassified', 'grad_cam', 'plot_gradcam', 'Interpretation',
+           'review', 'flip_tta', 'flip_tta_accuracy']
 
 
 def _save(fig: matplotlib.figure.Figure, path: Path) -> None:
@@ -116,13 +117,34 @@ def plot_gradcam(learn: Learner, interp: ClassificationInterpretation, probs: to
     return _grid(interp, probs, targs, idxs, f'Grad-CAM for the predicted class: {title}', n, heat)
 
 
+class Interpretation(ClassificationInterpretation):
+    """fastai's `ClassificationInterpretation` from one pass over `dl` that also keeps the probabilities and targets;
+    fastai's own makes a pass for its losses and another for each confusion matrix it plots or reads."""
+
+    def __init__(self, learn: Learner, dl: DataLoader, probs: torch.Tensor, targs: torch.Tensor, losses: torch.Tensor):
+        super().__init__(learn, dl, losses)
+        self.probs, self.targs = probs, targs
+
+    @classmethod
+    def from_learner(cls, learn: Learner, ds_idx: int = 1, dl: DataLoader | None = None) -> Interpretation:
+        """Predictions, targets and losses of `learn` on `dl` (default: `learn.dls[ds_idx]`, in order)."""
+        if dl is None: dl = learn.dls[ds_idx].new(shuffle=False, drop_last=False)
+        probs, targs, losses = learn.get_preds(dl=dl, with_loss=True)
+        return cls(learn, dl, probs, targs, losses)
+
+    def confusion_matrix(self) -> np.ndarray:
+        """Counts of (true class, predicted class), from the kept predictions."""
+        n = len(self.vocab)
+        return to_np(torch.bincount(self.targs * n + self.probs.argmax(1), minlength=n * n).view(n, n))
+
+
 def review(learn: Learner, out: Path, title: str, k: int = 9, dl: DataLoader | None = None,
            split: str = 'test', gradcam: bool = False, gradcam_layer: str | None = None) -> dict:
     """Write top_losses.png, misclassified.png and confusion.png (and with `gradcam`, gradcam.png) for `dl` (default:
     the validation split, named `split` in the metrics returned: test or holdout)."""
     out = Path(out)
-    interp = ClassificationInterpretation.from_learner(learn, dl=dl)
-    probs, targs = learn.get_preds(dl=interp.dl)
+    interp = Interpretation.from_learner(learn, dl=dl)
+    probs, targs = interp.probs, interp.targs
     correct = probs.argmax(1) == targs
     per_class = {c: float(correct[targs == i].float().mean()) for i, c in enumerate(interp.vocab) if (targs == i).any()}
     interp.plot_top_losses(k, figsize=(9, 9))

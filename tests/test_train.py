@@ -76,6 +76,26 @@ def test_misclassified_grid_takes_each_true_class_in_turn():
     assert [t.split()[1] for t in titles] == ['cat', 'dog', 'emu'] * 3 + ['cat'] and 'pred: dog (0.80)' in titles[0]
 
 
+def test_review_reads_the_test_split_once_and_agrees_with_fastai(trained, tmp_path, monkeypatch):
+    from fastai.interpret import ClassificationInterpretation
+
+    from cifar_fa.interpret import Interpretation, review
+    learn = load_run(trained[1], weights=trained[1] / 'model.pth')  # rebuilt with its data
+    ours, theirs = Interpretation.from_learner(learn), ClassificationInterpretation.from_learner(learn)
+    assert (ours.confusion_matrix() == theirs.confusion_matrix()).all() and ours.confusion_matrix().sum() == 40
+    assert ours.most_confused() == theirs.most_confused() and torch.allclose(ours.losses, theirs.losses)
+    passes, get_preds = [], learn.get_preds
+
+    def counted(*args, dl=None, **kw):
+        passes.append(len(dl.dataset))
+        return get_preds(*args, dl=dl, **kw)
+
+    monkeypatch.setattr(learn, 'get_preds', counted)
+    metrics = review(learn, tmp_path, 'x', k=4)
+    assert passes.count(40) == 1 and metrics['n_test'] == 40  # the rest: the 4 top losses' images
+    assert metrics['test_accuracy'] == pytest.approx(float(ours.confusion_matrix().trace()) / 40)
+
+
 def test_export_roundtrip_in_fresh_process(trained, synth):
     _, out = trained
     img = sorted((synth / 'test' / CLASSES[3]).iterdir())[0]
