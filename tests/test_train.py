@@ -307,7 +307,7 @@ def test_readme_table_from_run_folders(trained, tmp_path):
             '--label-smoothing 0` |') in text
     full = results_table([out], full_commands=True)
     assert ('`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 '
-            '--dropout 0 --no-ws --seed 42` |') in full
+            '--ema 0 --dropout 0 --no-ws --seed 42` |') in full
     # linked from the README's folder
     assert f'[{out.name}]({Path(os.path.relpath(out, tmp_path)).as_posix()}/)' in text
     assert "not the recipe file's" not in text
