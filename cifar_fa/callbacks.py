@@ -170,7 +170,7 @@ class WeightsEMA(Callback):
     `state` (`state_dict`'s, from a checkpoint) continues an average on --resume."""
 
     def __init__(self, decay: float, state: dict | None = None):
-        self.decay, self.state = decay, state
+        self.decay, self.state, self.ema = decay, state, None
 
     def before_fit(self):
         if self.learn.opt is None: return  # get_preds and summary run the fit events without an optimizer
@@ -182,6 +182,7 @@ class WeightsEMA(Callback):
     def after_step(self): self.ema.update_parameters(unwrapped_model(self.learn.model))
 
     def _swap(self):
+        if self.ema is None: return  # validation outside `fit`
         with torch.no_grad():
             for live, avg in zip(unwrapped_model(self.learn.model).state_dict().values(),
                                  self.ema.module.state_dict().values()):
@@ -189,16 +190,13 @@ class WeightsEMA(Callback):
                 live.copy_(avg)
                 avg.copy_(tmp)
 
-    def before_validate(self):
-        if hasattr(self, 'ema') and self.ema.n_averaged > 0: self._swap()
-
-    def after_validate(self):
-        if hasattr(self, 'ema') and self.ema.n_averaged > 0: self._swap()
+    def before_validate(self): self._swap()
+    def after_validate(self): self._swap()
 
     def after_fit(self):
-        if not hasattr(self, 'ema'): return
-        if self.ema.n_averaged > 0: unwrapped_model(self.learn.model).load_state_dict(self.ema.module.state_dict())
-        del self.ema
+        if self.ema is None: return
+        unwrapped_model(self.learn.model).load_state_dict(self.ema.module.state_dict())
+        self.ema = None
 
     def state_dict(self) -> dict:
         """The average so far, for a checkpoint."""
