@@ -261,19 +261,19 @@ def test_norm_defaults_apply_unless_the_option_is_given():
     from dataclasses import replace
 
     from cifar_fa.cli import config_from_args
-    rec = replace(importlib.import_module('recipes.s8_norms').RECIPE, norm_defaults={'gn': {'bs': 64, 'lr': 0.05}})
+    rec = replace(importlib.import_module('recipes.s8_norms').RECIPE, norm_defaults={'gn': {'bs': 32, 'lr': 0.05}})
     bs = rec.defaults['bs']
-    assert (config_from_args(rec, ['--norm', 'gn']).bs, config_from_args(rec, ['--norm', 'gn']).lr) == (64, 0.05)
+    assert (config_from_args(rec, ['--norm', 'gn']).bs, config_from_args(rec, ['--norm', 'gn']).lr) == (32, 0.05)
     assert config_from_args(rec, ['--norm', 'gn', '--bs', str(bs)]).bs == bs  # given, even equal to the recipe default
     assert config_from_args(rec, ['--norm', 'bn']).bs == bs
     assert [config_from_args(rec, ['--norm', 'all', '--lr', '0.2'], norm=n).lr for n in ('bn', 'gn')] == [0.2, 0.2]
-    assert config_from_args(rec, ['--norm', 'all'], norm='gn').bs == 64 == rec.settings('gn')['bs']
-    # gn and ln: standardized convs and batches of 64
+    assert config_from_args(rec, ['--norm', 'all'], norm='gn').bs == 32 == rec.settings('gn')['bs']
+    # gn and ln: standardized convs; every norm: batches of 64
     s8 = importlib.import_module('recipes.s8_norms').RECIPE
     assert [config_from_args(s8, ['--norm', n]).ws for n in ('bn', 'gn', 'ln')] == [False, True, True]
     assert (not config_from_args(s8, ['--norm', 'ln', '--no-ws']).ws
             and config_from_args(s8, ['--norm', 'bn', '--ws']).ws)
-    assert [config_from_args(s8, ['--norm', n]).bs for n in ('bn', 'gn', 'ln')] == [128, 64, 64]
+    assert [config_from_args(s8, ['--norm', n]).bs for n in ('bn', 'gn', 'ln')] == [64, 64, 64]
 
 
 @pytest.mark.parametrize('script', ['s7_dilated_separable', 's8_norms', 's9_augmented', BENCH])
