@@ -14,7 +14,7 @@ mkdir -p "$OUT" "$runs"
   python3 -c 'import torch, fastai; print("torch", torch.__version__, "fastai", fastai.__version__)'
   nproc; } > "$OUT/machine.txt"
 # shellcheck disable=SC2086  # RECIPE_OPTIONS and each lever are lists of options
-for lever in '' '--no-deterministic' '--workers 8' '--workers 0'; do
+for lever in '' '--no-deterministic' '--workers 8' '--workers 0' '--batch-augs'; do
   python3 benchmarks/timing.py --recipes s8 --out "$runs/lever" -- --epochs 3 $lever ${RECIPE_OPTIONS:-} |
     sed "s/^/[${lever:-defaults}] /" >> "$OUT/levers.txt"
 done

@@ -86,6 +86,9 @@ def parser(recipe: Recipe, given_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--ema', type=_fraction, default=d['ema'], metavar='DECAY',
                    help='validate and export a moving average of the weights, updated after every step with this '
                         'decay (e.g. 0.999); 0: the weights themselves')
+    p.add_argument('--batch-augs', action=argparse.BooleanOptionalAction, default=d['batch_augs'],
+                   help="run the recipe's augmentations on whole batches on the training device instead of per image "
+                        "in the DataLoader workers (reflect-pad, random crop and flip only: S7, S8)")
     p.add_argument('--seed', type=_seed, default=d['seed'], help='seed of every random generator')
     p.add_argument('--workers', type=non_negative(int), default=d['workers'],
                    help='DataLoader workers (default: min(4, CPUs))')

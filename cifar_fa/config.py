@@ -52,6 +52,7 @@ class RunConfig:
     ws: bool = False  # weight-standardized convs
     label_smoothing: float = 0.
     ema: float = 0.  # decay of the weights' moving average that validates and is exported; 0: the weights themselves
+    batch_augs: bool = False  # the recipe's augmentations on whole batches on the device (`batch_tfms_for`)
     seed: int = 42
     workers: int | None = None
     deterministic: bool = True  # cuDNN's deterministic kernels; off: cuDNN times its kernels and keeps the fastest
@@ -67,8 +68,8 @@ class RunConfig:
 
 
 # what a run trains, besides its spec (the other settings say where and how fast): a resumed run keeps them all
-RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'ema', 'dropout', 'ws', 'seed',
-                'subset', 'holdout')
+RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'ema', 'dropout', 'ws', 'batch_augs',
+                'seed', 'subset', 'holdout')
 
 
 def flag(name: str, value: object) -> str:

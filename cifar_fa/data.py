@@ -20,7 +20,7 @@ from fastai.data.transforms import FuncSplitter, GrandparentSplitter, IntToFloat
 from fastai.torch_core import TensorImage
 from fastai.vision.augment import Normalize
 from fastai.vision.core import load_image
-from fasttransform import ItemTransform
+from fasttransform import ItemTransform, Transform
 from PIL import Image
 
 from .augment import A
@@ -341,14 +341,16 @@ def _items(n_per_class: int | None, held: set[Path] | None):
 
 
 def cifar_block(augs: Sequence[A.BasicTransform] = (), n_per_class: int | None = None,
-                images: DecodedImages | None = None, held: set[Path] | None = None) -> DataBlock:
-    """DataBlock for CIFAR-style folders: train/ vs test/ split, parent-folder labels, `augs` on train only."""
+                images: DecodedImages | None = None, held: set[Path] | None = None,
+                batch_augs: Sequence[Transform] = ()) -> DataBlock:
+    """DataBlock for CIFAR-style folders: train/ vs test/ split, parent-folder labels, `augs` (albumentations, per
+    image) and `batch_augs` (fastai batch transforms) on train only."""
     return DataBlock(blocks=(ArrayImageBlock, CategoryBlock), get_items=_items(n_per_class, held), get_x=images,
                      splitter=GrandparentSplitter(train_name='train', valid_name='test') if held is None
                      else FuncSplitter(held.__contains__), get_y=parent_label,
                      item_tfms=AlbumentationsTransform(augs) if augs else None,
                      # moved with the DataLoaders, not to GPU 0
-                     batch_tfms=Normalize.from_stats(*CIFAR_STATS, cuda=False))
+                     batch_tfms=[*batch_augs, Normalize.from_stats(*CIFAR_STATS, cuda=False)])
 
 
 class CifarDataLoaders(DataLoaders):
@@ -366,12 +368,14 @@ class CifarDataLoaders(DataLoaders):
 
 
 def cifar_dls(path: Path, augs: Sequence[A.BasicTransform] = (), bs: int = 128, n_per_class: int | None = None,
-              workers: int | None = None, device=None, holdout: int | None = None) -> CifarDataLoaders:
-    """Train/test `DataLoaders` for the CIFAR-style folder `path`, reading images from its decoded cache; with
-    `holdout`, train/hold-out: that many training images (`holdout_files`) validate and the test split is not read."""
+              workers: int | None = None, device=None, holdout: int | None = None,
+              batch_augs: Sequence[Transform] = ()) -> CifarDataLoaders:
+    """Train/test `DataLoaders` for the CIFAR-style folder `path`, reading images from its decoded cache, `augs` and
+    `batch_augs` on train only; with `holdout`, train/hold-out: that many training images (`holdout_files`) validate
+    and the test split is not read."""
     if workers is None: workers = min(4, os.cpu_count() or 1)
     held = holdout_files(image_files(path), holdout) if holdout else None
-    block = cifar_block(augs, n_per_class, DecodedImages(path), held)
+    block = cifar_block(augs, n_per_class, DecodedImages(path), held, batch_augs)
     dls = block.dataloaders(path, path=path, bs=bs, num_workers=workers, device=device)
     dls = CifarDataLoaders(*dls.loaders, path=dls.path, device=dls.device)
     if held: dls.valid_name = 'hold-out'

@@ -23,6 +23,7 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 
 from .augment import A
+from .batch_augs import batch_tfms_for
 from .callbacks import (
     EpochCheckpoint,
     EpochState,
@@ -111,8 +112,12 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
     model = build_model(recipe, cfg) if model is None else model
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cfg.deterministic, not cfg.deterministic
     workers = cfg.workers if cfg.workers is not None else max(1, min(4, (os.cpu_count() or 1) // procs.local_count))
-    dls = cifar_dls(data_path or cifar10_path(cfg.data), recipe.augs, bs=cfg.bs // procs.count,
-                    n_per_class=cfg.subset, workers=workers, device=device, holdout=cfg.holdout)
+    augs, batch_augs = recipe.augs, ()
+    if cfg.batch_augs:
+        try: augs, batch_augs = (), batch_tfms_for(recipe.augs)
+        except ValueError as e: raise RunError(f'--batch-augs: {e}') from None
+    dls = cifar_dls(data_path or cifar10_path(cfg.data), augs, bs=cfg.bs // procs.count, n_per_class=cfg.subset,
+                    workers=workers, device=device, holdout=cfg.holdout, batch_augs=batch_augs)
     if len(dls.train) == 0:  # fastai drops the last partial batch, and would fail later on an empty DataLoader
         raise DataError(f'{len(dls.train_ds):,} training images make no full batch of {dls.train.bs}; '
                         'lower --bs or raise --subset')

@@ -291,3 +291,55 @@ def test_holdout_validates_on_training_images_only(synth):
         msg = rf'--holdout {n} takes \d+ images from each of 10 classes; take from 1 to 11 per class'
         with pytest.raises(DataError, match=msg):
             cifar_dls(synth, bs=8, workers=0, holdout=n)
+
+
+def test_pad_crop_flip_crops_the_albumentations_padding_and_flips_half():
+    from fastai.torch_core import TensorImage
+
+    from cifar_fa.batch_augs import PadCropFlip
+    imgs = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    padded = [A.PadIfNeeded(40, 40, border_mode=4)(image=i)['image'] for i in imgs]  # reflect-101, as S7 and S8 pad
+    torch.manual_seed(0)
+    out = PadCropFlip(4, 0.5)(TensorImage(torch.from_numpy(imgs).permute(0, 3, 1, 2).float()), split_idx=0)
+    assert type(out) is TensorImage and out.shape == (64, 3, 32, 32)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    seen = set()
+    for o, p in zip(out.permute(0, 2, 3, 1).numpy(), padded):
+        found = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (0, 1)
+                 if np.array_equal(o, p[dy:dy + 32, dx:dx + 32][:, ::-1] if f else p[dy:dy + 32, dx:dx + 32])]
+        assert found, 'an output image is no crop of its padded image, flipped or not'
+        seen |= set(found)
+    assert len({(dy, dx) for dy, dx, _ in seen}) > 20 and {f for *_, f in seen} == {0, 1}
+    assert PadCropFlip.split_idx == 0  # training batches only: fastai passes the valid split's 1 through
+
+
+def test_batch_version_of_pad_crop_flip_only():
+    from cifar_fa.batch_augs import PadCropFlip, batch_tfms_for
+    pad, crop = A.PadIfNeeded(40, 40, border_mode=4), A.RandomCrop(32, 32)
+    (t,) = batch_tfms_for([pad, crop, A.HorizontalFlip()])
+    assert isinstance(t, PadCropFlip) and (t.pad, t.flip_p) == (4, 0.5)
+    (t,) = batch_tfms_for([A.HorizontalFlip(p=0.3)])
+    assert (t.pad, t.flip_p) == (0, 0.3) and batch_tfms_for([]) == []
+    for augs, named in (([A.PadIfNeeded(40, 40, border_mode=0), crop], 'PadIfNeeded, RandomCrop'),
+                        ([pad, A.RandomCrop(28, 28)], 'PadIfNeeded, RandomCrop'),
+                        ([A.HorizontalFlip(), pad, crop], 'PadIfNeeded, RandomCrop'),
+                        ([A.HorizontalFlip(), A.Affine(rotate=(-15, 15)), A.CoarseDropout()], 'Affine, CoarseDropout')):
+        with pytest.raises(ValueError, match=f'^{named} has no batch version'): batch_tfms_for(augs)
+
+
+def test_batch_augs_change_training_batches_only(synth):
+    from fastai.torch_core import set_seed
+
+    from cifar_fa.batch_augs import batch_tfms_for
+    augs = [A.PadIfNeeded(40, 40, border_mode=4), A.RandomCrop(32, 32), A.HorizontalFlip()]
+    plain = cifar_dls(synth, bs=8, workers=0)
+    dls = cifar_dls(synth, bs=8, workers=0, batch_augs=batch_tfms_for(augs))
+    assert not dls.train.after_item.fs.filter(lambda t: isinstance(t, AlbumentationsTransform))
+    for dl_aug, dl_plain, changed in ((dls.train, plain.train, True), (dls.valid, plain.valid, False)):
+        x, _ = dl_aug.new(shuffle=False).one_batch()
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert (not torch.equal(x, dl_plain.new(shuffle=False).one_batch()[0])) == changed
+    set_seed(1)
+    a = dls.train.new(shuffle=False).one_batch()[0]
+    set_seed(1)
+    assert torch.equal(a, dls.train.new(shuffle=False).one_batch()[0])  # seeded: a run repeats its augmentations

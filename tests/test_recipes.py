@@ -189,6 +189,14 @@ def test_bad_input_one_line(args, msg, synth, tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
+def test_s9_augmentations_have_no_batch_version(synth, tmp_path):
+    r = recipe('--batch-augs', '--data', synth, '--out', tmp_path / 'run', script=ROOT / 'recipes' / 's9_augmented.py')
+    assert r.returncode == 2 and r.stderr.strip() == ('error: --batch-augs: Affine, CoarseDropout has no batch version '
+                                                      '(only a reflect-pad and random crop back to 32x32, then a '
+                                                      'horizontal flip, have one); drop --batch-augs'), r.stderr
+    assert not (tmp_path / 'run').exists()
+
+
 @pytest.mark.parametrize('args', [['--norm', 'xx'], ['--epochs', 0], ['--bs', -4], ['--lr', 0], ['--lr', 'nan'],
                                   ['--lr', 'inf'], ['--wd', -1], ['--dropout', 1], ['--label-smoothing', 1.5],
                                   ['--workers', -1], ['--seed', -1], ['--seed', 2 ** 64], ['--seed', '9' * 400],

@@ -497,3 +497,29 @@ def test_gradcam_maps_the_predicted_class_where_gap_reads(trained, synth):
     assert at_c9.shape == heat.shape and not torch.allclose(at_c9, heat)
     with pytest.raises(RunError, match="no layer 'nope' for --gradcam-layer; its layers: layers, layers.C1"):
         grad_cam(learn.model, x, classes, layer='nope')
+
+
+def test_batch_augs_run_resumes_to_the_same_history(synth, tmp_path, monkeypatch):
+    from cifar_fa.callbacks import EpochCheckpoint
+    save = EpochCheckpoint.after_epoch
+
+    def interrupt_after_epoch_0(self):
+        save(self)
+        raise KeyboardInterrupt
+
+    kw = dict(norm='bn', epochs=3, bs=16, lr=1e-2, batch_augs=True, workers=0, device='cpu', data=str(synth),
+              subset=4)
+    full = run(S8, RunConfig('s8', out=str(tmp_path / 'full'), **kw))
+    monkeypatch.setattr(EpochCheckpoint, 'after_epoch', interrupt_after_epoch_0)
+    with pytest.raises(KeyboardInterrupt): run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), **kw))
+    monkeypatch.setattr(EpochCheckpoint, 'after_epoch', save)
+    resumed = run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **kw))
+    h_full, h_cut = (pd.read_csv(tmp_path / d / 'history.csv') for d in ('full', 'cut'))
+    pd.testing.assert_frame_equal(h_full.drop(columns='time'), h_cut.drop(columns='time'))
+    assert resumed['test_accuracy'] == full['test_accuracy']
+    run(S8, RunConfig('s8', out=str(tmp_path / 'plain'), **{**kw, 'batch_augs': False}))
+    h_plain = pd.read_csv(tmp_path / 'plain' / 'history.csv')
+    assert (h_plain.train_loss != h_full.train_loss).all()  # other draws: the batch path replaced the item transform
+    assert json.loads((tmp_path / 'full' / 'config.json').read_text())['batch_augs'] is True
+    with pytest.raises(RunError, match='was trained with --batch-augs'):
+        run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **{**kw, 'batch_augs': False}))
