@@ -1,6 +1,7 @@
 """What the operating system can do to a run, handled in one place: signals, memory refused, files half written."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import math
 import os
@@ -12,8 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ['atomic_write', 'interrupts_held', 'memory_bytes', 'process_age', 'stop_on_signals', 'signalled',
-           'stop_requested', 'memory_refused']
+__all__ = ['atomic_write', 'interrupts_held', 'keep_freed_memory', 'memory_bytes', 'process_age', 'stop_on_signals',
+           'signalled', 'stop_requested', 'memory_refused']
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -99,3 +100,16 @@ def process_age() -> float | None:
         ticks = int(Path('/proc/self/stat').read_text().rsplit(')', 1)[1].split()[19])  # field 22: start, since boot
         return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf('SC_CLK_TCK')
     except (OSError, ValueError, IndexError, AttributeError): return None
+
+
+def keep_freed_memory() -> bool:
+    """glibc: keep freed memory for the next allocation instead of handing it back to the kernel; whether it applied
+    (not elsewhere, nor with CIFAR_FA_KEEP_FREED=0)."""
+    # each CPU training step frees its activations and allocates them again; by default glibc returns such blocks to
+    # the kernel, so every step faults them in again as zero-filled pages (benchmarks/keep_freed.py measures it)
+    if not sys.platform.startswith('linux') or os.environ.get('CIFAR_FA_KEEP_FREED') == '0': return False
+    try: mallopt = ctypes.CDLL('libc.so.6').mallopt
+    except (OSError, AttributeError): return False  # musl and others: no mallopt
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # 32 MB: glibc's largest mmap threshold; blocks above it are still mapped and unmapped
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))

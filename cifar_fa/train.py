@@ -44,7 +44,7 @@ from .interpret import flip_tta_accuracy, plot_curves, review
 from .models import SpecNet, count_params
 from .receptive_field import rf_table, total_rf
 from .runfolder import prepare_out
-from .system import atomic_write, memory_bytes, process_age
+from .system import atomic_write, keep_freed_memory, memory_bytes, process_age
 
 __all__ = ['build_model', 'build_learner', 'describe', 'run', 'pick_device']
 
@@ -166,6 +166,7 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
     metrics."""
     t0, lap, procs = time.time(), _Laps(), launched()
     check_launch(cfg, procs)
+    keep_freed_memory()
     model = build_model(recipe, cfg) if model is None else model
     lap('model')
     backend = procs.join(cpu=pick_device(cfg.device, procs).type == 'cpu')
