@@ -138,9 +138,17 @@ def _versions() -> dict:
                 albumentations=A.__version__)
 
 
+def _cpu_model() -> str:
+    try: cpuinfo = Path('/proc/cpuinfo').read_text()  # Linux: platform.processor() is empty there
+    except OSError: cpuinfo = ''
+    names = [line.split(':', 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith('model name')]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == 'cuda': return torch.cuda.get_device_name(device)
-    return f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+    n = torch.get_num_threads()
+    return f"CPU ({_cpu_model()}, {n} thread{'s' * (n != 1)})"
 
 
 def _seconds(times: pd.Series) -> pd.Series:

@@ -523,3 +523,15 @@ def test_batch_augs_run_resumes_to_the_same_history(synth, tmp_path, monkeypatch
     assert json.loads((tmp_path / 'full' / 'config.json').read_text())['batch_augs'] is True
     with pytest.raises(RunError, match='was trained with --batch-augs'):
         run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **{**kw, 'batch_augs': False}))
+
+
+def test_cpu_device_name_says_the_model_and_threads(monkeypatch):
+    from cifar_fa.train import _device_name
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: 1)
+    assert _device_name(torch.device('cpu')).endswith(', 1 thread)')
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: 2)
+    cpuinfo = Path('/proc/cpuinfo')
+    model = next((ln.split(':', 1)[1].strip() for ln in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+                  if ln.startswith('model name')), None)
+    name = _device_name(torch.device('cpu'))
+    assert name == f'CPU ({model}, 2 threads)' if model else name.endswith(', 2 threads)')
