@@ -254,7 +254,10 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
         if recipe.tta:
             metrics[f'flip_tta_{split}_accuracy'] = flip_tta_accuracy(learn)
             lap('tta')
+        # the one cycle's lr and momentum at every step (`plot_sched`) would be most of an exported S8 Learner
+        hps = learn.recorder.__dict__.pop('hps', None)
         learn.export('model.pkl')
+        if hps is not None: learn.recorder.hps = hps
         learn.save((out / 'model').resolve(), with_opt=False)  # plain weights: loading them runs no code
         lap('export')
         metrics['wall_seconds'] = round(time.time() - t0, 1)  # this invocation (after --resume: the resumed part only)
