@@ -5,22 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from timing import time_recipe
 
 
 def measure(keep: bool, options: list[str], out: Path) -> dict:
     """One S8 run in a fresh process; its wall time and the CPU time and page faults of it and its workers."""
     env = {**os.environ, 'CIFAR_FA_KEEP_FREED': '1' if keep else '0'}
-    before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / 'recipes' / 's8_norms.py'), *options, '--out', str(out), '--overwrite'],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
-    wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time_recipe('s8', out, options, env)['process_seconds']
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return dict(wall=wall, user=after.ru_utime - before.ru_utime, kernel=after.ru_stime - before.ru_stime,
                 faults=after.ru_minflt - before.ru_minflt)
 

@@ -23,11 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ('startup', 'model', 'data', 'dataloaders', 'setup', 'train', 'valid', 'fit_other', 'review', 'tta', 'export')
 
 
-def time_recipe(name: str, out: Path, options: list[str]) -> dict:
-    """Run recipe `name` in a fresh process with `options`, writing to `out`; its metrics and the seconds it took."""
+def time_recipe(name: str, out: Path, options: list[str], env: dict | None = None) -> dict:
+    """Run recipe `name` in a fresh process with `options` (and `env`), writing to `out`; its metrics and the seconds it
+    took."""
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, str(ROOT / recipe_script(name)), '--out', str(out), '--overwrite', *options],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     if r.returncode:
         sys.exit(f"{name} failed (exit status {r.returncode}): {(r.stderr.strip().splitlines() or [''])[-1]}")
