@@ -360,11 +360,14 @@ class CifarDataLoaders(DataLoaders):
     def __repr__(self) -> str:
         aug = next((t for t in self.train.after_item.fs if isinstance(t, AlbumentationsTransform)), None)
         augs = ', '.join(type(t).__name__ for t in aug.aug.transforms) if aug else 'none'
+        batch = ', '.join(type(t).__name__ for t in self.train.after_batch.fs if t.split_idx == 0)
         return '\n'.join([f'{type(self).__name__}: {len(self.vocab)} classes ({", ".join(self.vocab)}) '
                           f'from {self.path}',
                           *(f'  {name}: {len(dl.dataset):,} images, {len(dl)} batches of {dl.bs}'
                             for name, dl in (('train', self.train), (self.valid_name, self.valid))),
-                          f'  train-only albumentations: {augs}', f'  device: {self.device}'])
+                          f'  train-only albumentations: {augs}',
+                          *([f'  train-only batch augmentations: {batch}'] if batch else []),
+                          f'  device: {self.device}'])
 
 
 def cifar_dls(path: Path, augs: Sequence[A.BasicTransform] = (), bs: int = 128, n_per_class: int | None = None,

@@ -199,11 +199,14 @@ def test_decoded_images_getter(synth):
 
 
 def test_dataloaders_say_what_they_hold(synth):
+    from cifar_fa.batch_augs import batch_tfms_for
     dls = cifar_dls(synth, [A.HorizontalFlip()], bs=8, workers=0)
     text = repr(dls)
     assert dls.path == synth and f'from {synth}' in text
     assert 'train: 120 images, 15 batches of 8' in text and 'test: 40 images' in text
-    assert 'HorizontalFlip' in text and 'class9' in text
+    assert 'HorizontalFlip' in text and 'class9' in text and 'batch augmentations' not in text
+    text = repr(cifar_dls(synth, bs=8, workers=0, batch_augs=batch_tfms_for([A.HorizontalFlip()])))
+    assert 'train-only albumentations: none\n  train-only batch augmentations: PadCropFlip\n' in text
 
 
 def test_rgb_array_takes_any_image(tmp_path):
