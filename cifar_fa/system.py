@@ -56,9 +56,17 @@ def _quiet_half_built_loader(unraisable) -> None:
 
 
 _signalled: list[int] = []  # the signals `_interrupt` took, until `signalled(clear=True)`
+_run_pid: list[int] = []  # the process that called `stop_on_signals`: its forked children inherit the handler
 
 
 def _interrupt(signum, frame):
+    if os.getpid() not in _run_pid:
+        # a DataLoader worker signalled with its process group, maybe before torch's worker loop could catch a
+        # KeyboardInterrupt (still in multiprocessing's at-fork hooks, which would print it): end as an unhandled
+        # signal ends a process; the run's process stops the run
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     _signalled.append(signum)
     # `pkill -f` or a cluster's scheduler signals the DataLoader workers too: torch's SIGCHLD handler would then
     # report their deaths as a second error while the interrupt unwinds. A Python no-op, not SIG_DFL: a SIGCHLD
@@ -73,6 +81,7 @@ def stop_on_signals() -> None:
     remember them (`signalled`): the KeyboardInterrupt they raise is lost when it lands in a hook that swallows
     exceptions, such as logging's at-fork hook while DataLoader workers start."""
     signalled(clear=True)
+    _run_pid[:] = [os.getpid()]
     for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, _interrupt)
 
 
@@ -86,7 +95,7 @@ def signalled(clear: bool = False) -> bool:
 def stop_requested(e: BaseException) -> bool:
     """Whether `e` is Ctrl-C or SIGTERM, or torch reporting workers that SIGTERM stopped (before `_interrupt` ran)."""
     return (isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt)
-            or 'killed by signal: Terminated' in str(e))
+            or any(f'killed by signal: {name}' in str(e) for name in ('Terminated', 'Interrupt')))
 
 
 def memory_refused(e: BaseException) -> bool:

@@ -127,6 +127,26 @@ def test_sigterm_with_a_pending_sigchld_is_one_interrupt():
             and 'Traceback' not in r.stderr), (r.stdout, r.stderr)
 
 
+def test_sigterm_to_a_worker_still_starting_ends_it_quietly():
+    # `pkill -f` reaches a DataLoader worker while multiprocessing's at-fork hooks still run, before torch's worker
+    # loop could catch a KeyboardInterrupt: the inherited handler must end the worker, not print a traceback
+    code = """if True:
+        import multiprocessing as mp, os, signal
+        from multiprocessing.util import register_after_fork
+        from cifar_fa.system import signalled, stop_on_signals
+        stop_on_signals()
+        class Hook: pass
+        hook = Hook()
+        register_after_fork(hook, lambda _: os.kill(os.getpid(), signal.SIGTERM))
+        p = mp.get_context('fork').Process(target=print, args=('worker ran',))
+        p.start(); p.join()
+        print(p.exitcode, signalled())"""
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    assert r.returncode == 0 and r.stdout.split() == [str(-signal.SIGTERM), 'False'], (r.stdout, r.stderr)
+    assert 'Traceback' not in r.stderr, r.stderr
+
+
 def test_sigterm_during_a_loader_iterators_start_is_one_interrupt():
     # SIGTERM inside _MultiProcessingDataLoaderIter.__init__ leaves the iterator half built,
     # as `__new__` alone does here
