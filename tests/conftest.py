@@ -1,5 +1,9 @@
 """Shared fixtures: tiny synthetic CIFAR-style folders written by the tests themselves."""
 import os
+import runpy
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault('MPLBACKEND', 'Agg')
@@ -38,3 +42,27 @@ def synth(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv('CIFAR_FA_CACHE', str(tmp_path / 'cache'))
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run a command line in this process, as `python SCRIPT ARGS` would less Python's start-up, from the repository
+    root; `command` is a script's path or a `main(argv)` returning the exit status. Returns a CompletedProcess."""
+    def run(command, *args) -> subprocess.CompletedProcess:
+        argv, handlers = [str(a) for a in args], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        monkeypatch.chdir(ROOT)
+        capsys.readouterr()
+        try:
+            if callable(command): code = command(argv)
+            else:
+                monkeypatch.setattr(sys, 'argv', [str(command), *argv])
+                monkeypatch.syspath_prepend(str(Path(command).parent))
+                runpy.run_path(str(command), run_name='__main__')
+                code = 0
+        except SystemExit as e: code = e.code
+        finally:
+            for sig, handler in handlers.items(): signal.signal(sig, handler)  # a recipe's main sets its own
+        out, err = capsys.readouterr()
+        if isinstance(code, str): code, err = 1, f'{err}{code}\n'  # as Python reports sys.exit('message')
+        return subprocess.CompletedProcess([str(command), *argv], code or 0, out, err)
+    return run

@@ -8,7 +8,7 @@ from conftest import ROOT
 
 from cifar_fa import SpecNet, count_params, total_rf
 from cifar_fa.assignments import ASSIGNMENTS
-from cifar_fa.check import check_model, load_model
+from cifar_fa.check import check_model, load_model, main
 from cifar_fa.registry import get_recipe
 
 STUDENT = '''
@@ -198,10 +198,10 @@ def test_command_line_exit_codes_and_json(student):
     ('{f}:WrongInput', 'the model fails on a 1x3x32x32 input: RuntimeError:'),
     ('{f}:FiveLogits', 'the model outputs shape [1, 5] for one image; it must output 10 logits'),
     ('{d}/broken.py:Net', 'importing {d}/broken.py failed: ZeroDivisionError: division by zero')])
-def test_bad_input_is_one_line(student, target, message):
+def test_bad_input_is_one_line(student, target, message, cli):
     (student.parent / 'broken.py').write_text('x = 1 / 0\n')
     fill = dict(d=student.parent, f=student)
-    r = check(target.format(**fill), '--assignment', 's8')
+    r = cli(main, target.format(**fill), '--assignment', 's8')
     assert r.returncode == 2 and r.stderr.startswith(f'error: {message.format(**fill)}'), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr
 
