@@ -16,7 +16,7 @@ from .config import OPTIMIZERS, Recipe, RunConfig, RunError, flag
 from .constraints import ConstraintError
 from .data import DataError
 from .distributed import launched
-from .layers import NORMS
+from .layers import ACTIVATIONS, NORMS
 from .models import SpecNet
 from .runfolder import holds_run, no_epoch_done
 from .system import memory_refused, signalled, stop_on_signals, stop_requested
@@ -81,6 +81,7 @@ def parser(recipe: Recipe, given_only: bool = False) -> argparse.ArgumentParser:
                    help='channel dropout (Dropout2d) after every conv block')
     p.add_argument('--ws', action=argparse.BooleanOptionalAction, default=d['ws'],
                    help='weight-standardized convs (zero-mean, unit-variance filters)')
+    p.add_argument('--act', choices=list(ACTIVATIONS), default=d['act'], help='the nonlinearity after every norm')
     p.add_argument('--label-smoothing', type=_fraction, default=d['label_smoothing'],
                    help='label smoothing of the loss')
     p.add_argument('--ema', type=_fraction, default=d['ema'], metavar='DECAY',

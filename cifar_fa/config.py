@@ -50,6 +50,7 @@ class RunConfig:
     wd: float = 1e-2  # adam: decoupled (AdamW); sgd: L2 as in torch.optim.SGD; none on norm weights and biases
     dropout: float = 0.
     ws: bool = False  # weight-standardized convs
+    act: str = 'relu'  # a key of ACTIVATIONS: the nonlinearity after every norm
     label_smoothing: float = 0.
     ema: float = 0.  # decay of the weights' moving average that validates and is exported; 0: the weights themselves
     batch_augs: bool = False  # the recipe's augmentations on whole batches on the device (`batch_tfms_for`)
@@ -68,8 +69,8 @@ class RunConfig:
 
 
 # what a run trains, besides its spec (the other settings say where and how fast): a resumed run keeps them all
-RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'ema', 'dropout', 'ws', 'batch_augs',
-                'seed', 'subset', 'holdout')
+RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'ema', 'dropout', 'ws', 'act',
+                'batch_augs', 'seed', 'subset', 'holdout')
 
 
 def flag(name: str, value: object) -> str:

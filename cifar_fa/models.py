@@ -13,13 +13,14 @@ __all__ = ['SpecNet', 'count_params']
 class SpecNet(nn.Module):
     """A CNN built from a spec string, with any normalization from `NORMS` by name."""
     def __init__(self, spec: str, norm: str = 'bn', n_in: int = 3, n_out: int = 10, dropout: float = 0.,
-                 ws: bool = False):
+                 ws: bool = False, act: str = 'relu'):
         super().__init__()
-        self.spec, self.norm, self.ws = spec, norm, ws
+        self.spec, self.norm, self.ws, self.act = spec, norm, ws, act
         make_norm, layers, width, shapes, specs = norm_layer(norm), {}, n_in, {}, parse_spec(spec)
         for l in specs:
             if l.kind == 'conv':
-                layers[l.name] = ConvBlock(width, l.nf, l.ks, l.stride, l.dilation, l.separable, make_norm, dropout, ws)
+                layers[l.name] = ConvBlock(width, l.nf, l.ks, l.stride, l.dilation, l.separable, make_norm, dropout, ws,
+                                           act)
                 width = l.nf
             elif l.kind == 'pool': layers[l.name] = nn.MaxPool2d(2)
             elif l.kind == 'gap': layers[l.name] = nn.AdaptiveAvgPool2d(1)

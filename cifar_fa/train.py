@@ -75,7 +75,8 @@ def pick_device(name: str, procs: Processes | None = None) -> torch.device:
 
 def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
     """The recipe's network with `cfg`'s norm, dropout and seed, checked against the assignment's constraints."""
-    make = partial(SpecNet, recipe.spec if cfg.spec is None else cfg.spec, cfg.norm, dropout=cfg.dropout, ws=cfg.ws)
+    make = partial(SpecNet, recipe.spec if cfg.spec is None else cfg.spec, cfg.norm, dropout=cfg.dropout, ws=cfg.ws,
+                   act=cfg.act)
     try:
         # no weights yet: a --spec too big for memory is refused, not allocated
         with torch.device('meta'): probe = make()
@@ -96,7 +97,9 @@ def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
 def describe(recipe: Recipe, model: SpecNet) -> str:
     """Spec, parameter count and receptive-field table of `model` as text."""
     ws = ', weight-standardized convs' if model.ws else ''
-    return (f'recipe {recipe.name}, norm {model.norm}{ws}\nspec: {model.spec}\nparameters: {count_params(model):,}\n'
+    act = '' if model.act == 'relu' else f', {model.act}'
+    return (f'recipe {recipe.name}, norm {model.norm}{ws}{act}\nspec: {model.spec}\n'
+            f'parameters: {count_params(model):,}\n'
             f'receptive field (last layer before GAP): {total_rf(model.spec)}\n\n'
             f'{rf_table(model.spec).to_string(index=False)}\n')
 

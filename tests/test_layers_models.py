@@ -59,7 +59,8 @@ def test_conv_block_options():
 
 
 def test_layers_exports():
-    assert layers.__all__ == ['NORMS', 'GN_GROUPS', 'norm_layer', 'WSConv2d', 'ConvBlock']
+    assert layers.__all__ == ['NORMS', 'GN_GROUPS', 'norm_layer', 'ACTIVATIONS', 'activation', 'WSConv2d',
+                              'ConvBlock']
 
 
 def test_build_model_checks_the_budget_before_any_weight_exists(monkeypatch):
@@ -93,6 +94,16 @@ def test_ws_block_keeps_the_parameter_count():
         convs = [m for m in ws.modules() if isinstance(m, nn.Conv2d)]
         assert convs and all(type(m) is WSConv2d for m in convs) and count_params(ws) == count_params(plain)
     assert type(SpecNet(S8.spec, 'gn', ws=True).layers['C10']) is nn.Conv2d  # the head to the classes stays plain
+
+
+def test_activation_is_chosen_by_name_for_every_block():
+    model = build_model(S8, RunConfig('s8', norm='gn', act='gelu'))
+    acts = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.GELU, nn.SiLU))]
+    assert len(acts) == 10 and all(type(m) is nn.GELU for m in acts)  # C1-C5, C7-C9, c3, c6; the head has none
+    assert count_params(model) == count_params(SpecNet(S8.spec, 'gn'))
+    assert [type(m) for m in ConvBlock(8, 16, act='silu')] == [nn.Conv2d, nn.BatchNorm2d, nn.SiLU]
+    with pytest.raises(ValueError, match="unknown activation 'tanh': choose one of relu, gelu, silu"):
+        ConvBlock(8, 16, act='tanh')
 
 
 @pytest.mark.parametrize('norm', list(NORMS))
