@@ -44,12 +44,22 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv('CIFAR_FA_CACHE', str(tmp_path / 'cache'))
 
 
+@pytest.fixture(autouse=True)
+def _terminal_signals():
+    """Each test starts with Ctrl-C and SIGTERM as a terminal's Python has them, whatever a recipe's `main` run in
+    this process (or a test runner's worker) left, and leaves them so."""
+    sigs = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    before = {sig: signal.signal(sig, handler) for sig, handler in sigs.items()}
+    yield
+    for sig, handler in before.items(): signal.signal(sig, handler)
+
+
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run a command line in this process, as `python SCRIPT ARGS` would less Python's start-up, from the repository
     root; `command` is a script's path or a `main(argv)` returning the exit status. Returns a CompletedProcess."""
     def run(command, *args) -> subprocess.CompletedProcess:
-        argv, handlers = [str(a) for a in args], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        argv = [str(a) for a in args]
         monkeypatch.chdir(ROOT)
         capsys.readouterr()
         try:
@@ -60,8 +70,6 @@ def cli(capsys, monkeypatch):
                 runpy.run_path(str(command), run_name='__main__')
                 code = 0
         except SystemExit as e: code = e.code
-        finally:
-            for sig, handler in handlers.items(): signal.signal(sig, handler)  # a recipe's main sets its own
         out, err = capsys.readouterr()
         if isinstance(code, str): code, err = 1, f'{err}{code}\n'  # as Python reports sys.exit('message')
         return subprocess.CompletedProcess([str(command), *argv], code or 0, out, err)
