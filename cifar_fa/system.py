@@ -93,7 +93,7 @@ def signalled(clear: bool = False) -> bool:
 
 
 def stop_requested(e: BaseException) -> bool:
-    """Whether `e` is Ctrl-C or SIGTERM, or torch reporting workers that SIGTERM stopped (before `_interrupt` ran)."""
+    """Whether `e` is Ctrl-C or SIGTERM, or torch reporting workers that they stopped (before `_interrupt` ran)."""
     return (isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt)
             or any(f'killed by signal: {name}' in str(e) for name in ('Terminated', 'Interrupt')))
 
