@@ -445,14 +445,10 @@ def test_ctrl_c_swallowed_on_its_way_still_stops_at_the_next_batch(synth):
                 except KeyboardInterrupt: pass
 
     learn = build_learner(S8, RunConfig('s8', bs=4, workers=0, device='cpu', data=str(synth), subset=4))
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stop_on_signals()
-    try:
-        with pytest.raises(KeyboardInterrupt): learn.fit(1, 1e-3, cbs=[SwallowedCtrlC(), StopWhenSignalled()])
-        assert learn.iter == 1  # the batch after the signal never ran
-        learn.fit(1, 1e-3, cbs=StopWhenSignalled())  # a later fit is not stopped by that spent signal
-    finally:
-        for sig, handler in handlers.items(): signal.signal(sig, handler)
+    stop_on_signals()  # the handlers it sets are undone after the test (conftest)
+    with pytest.raises(KeyboardInterrupt): learn.fit(1, 1e-3, cbs=[SwallowedCtrlC(), StopWhenSignalled()])
+    assert learn.iter == 1  # the batch after the signal never ran
+    learn.fit(1, 1e-3, cbs=StopWhenSignalled())  # a later fit is not stopped by that spent signal
 
 
 def test_recorder_keeps_cpu_training_losses_as_floats(synth):
