@@ -82,6 +82,9 @@ def parser(recipe: Recipe, given_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--ws', action=argparse.BooleanOptionalAction, default=d['ws'],
                    help='weight-standardized convs (zero-mean, unit-variance filters)')
     p.add_argument('--act', choices=list(ACTIVATIONS), default=d['act'], help='the nonlinearity after every norm')
+    p.add_argument('--whiten', action=argparse.BooleanOptionalAction, default=d['whiten'],
+                   help="start the first conv as a whitening of the training images' patches (airbench), a plain "
+                        'conv even with --ws')
     p.add_argument('--label-smoothing', type=_fraction, default=d['label_smoothing'],
                    help='label smoothing of the loss')
     p.add_argument('--ema', type=_fraction, default=d['ema'], metavar='DECAY',

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['NORMS', 'GN_GROUPS', 'norm_layer', 'ACTIVATIONS', 'activation', 'WSConv2d', 'ConvBlock']
+__all__ = ['NORMS', 'GN_GROUPS', 'norm_layer', 'ACTIVATIONS', 'activation', 'WSConv2d', 'ConvBlock',
+           'whitening_filters']
 
 GN_GROUPS = 4  # `gn` splits channels into gcd(C, 4) groups: 4 groups for every width we use
 
@@ -67,3 +68,16 @@ class ConvBlock(nn.Sequential):
         if dropout: layers.append(nn.Dropout2d(dropout))
         super().__init__(*layers)
         self.ks, self.stride, self.dilation, self.padding, self.separable = ks, stride, dilation, padding, separable
+
+
+def whitening_filters(images: torch.Tensor, n: int, ks: int = 3, eps: float = 5e-4) -> torch.Tensor:
+    """`n` conv filters (`ks` x `ks`) that whiten `images`' patches: the `n // 2` principal directions of most variance,
+    each scaled to unit variance and also negated, so that a ReLU after them keeps both signs (airbench)."""
+    if n % 2: raise ValueError(f'whitening makes filters in pairs (+/-): {n} output channels is odd')
+    c, d = images.shape[1], images.shape[1] * ks * ks
+    if n // 2 > d: raise ValueError(f'{ks}x{ks} patches of {c} channels have {d} directions, fewer than {n // 2}')
+    patches = images.float().unfold(2, ks, 1).unfold(3, ks, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, d)
+    variances, directions = torch.linalg.eigh(patches.T @ patches / len(patches))  # ascending
+    top = slice(d - n // 2, d)
+    w = (directions[:, top] / (variances[top] + eps).sqrt()).T.flip(0).reshape(-1, c, ks, ks)
+    return torch.cat([w, -w])

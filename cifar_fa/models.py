@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import ConvBlock, norm_layer
+from .layers import ConvBlock, norm_layer, whitening_filters
 from .receptive_field import rf_table
 from .spec import parse_spec
 
@@ -13,14 +13,16 @@ __all__ = ['SpecNet', 'count_params']
 class SpecNet(nn.Module):
     """A CNN built from a spec string, with any normalization from `NORMS` by name."""
     def __init__(self, spec: str, norm: str = 'bn', n_in: int = 3, n_out: int = 10, dropout: float = 0.,
-                 ws: bool = False, act: str = 'relu'):
+                 ws: bool = False, act: str = 'relu', whiten: bool = False):
         super().__init__()
-        self.spec, self.norm, self.ws, self.act = spec, norm, ws, act
+        self.spec, self.norm, self.ws, self.act, self.whiten = spec, norm, ws, act, whiten
         make_norm, layers, width, shapes, specs = norm_layer(norm), {}, n_in, {}, parse_spec(spec)
         for l in specs:
             if l.kind == 'conv':
-                layers[l.name] = ConvBlock(width, l.nf, l.ks, l.stride, l.dilation, l.separable, make_norm, dropout, ws,
-                                           act)
+                # standardizing would undo the whitening: each filter's mean and scale are what it whitens with
+                first_whitened = whiten and not layers
+                layers[l.name] = ConvBlock(width, l.nf, l.ks, l.stride, l.dilation, l.separable, make_norm, dropout,
+                                           ws and not first_whitened, act)
                 width = l.nf
             elif l.kind == 'pool': layers[l.name] = nn.MaxPool2d(2)
             elif l.kind == 'gap': layers[l.name] = nn.AdaptiveAvgPool2d(1)
@@ -46,6 +48,15 @@ class SpecNet(nn.Module):
             if name in self.skips: x = x + saved[self.skips[name]]
             if name in self._sources: saved[name] = x
         return x.flatten(1)
+
+    def init_whitening(self, images: torch.Tensor) -> None:
+        """Set the first conv's filters to `whitening_filters` of `images` (a batch as the network sees it)."""
+        first = next(iter(self.layers.values()))
+        if not isinstance(first, ConvBlock) or first.separable or first.dilation != 1 or first.stride != 1:
+            raise ValueError("only a plain 3x3-style first conv (the spec's first layer; not separable, dilated or "
+                             'strided) can start as a whitening')
+        conv = first[0]
+        with torch.no_grad(): conv.weight.copy_(whitening_filters(images, conv.out_channels, conv.kernel_size[0]))
 
 
 def count_params(model: nn.Module) -> int:

@@ -76,7 +76,7 @@ def pick_device(name: str, procs: Processes | None = None) -> torch.device:
 def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
     """The recipe's network with `cfg`'s norm, dropout and seed, checked against the assignment's constraints."""
     make = partial(SpecNet, recipe.spec if cfg.spec is None else cfg.spec, cfg.norm, dropout=cfg.dropout, ws=cfg.ws,
-                   act=cfg.act)
+                   act=cfg.act, whiten=cfg.whiten)
     try:
         # no weights yet: a --spec too big for memory is refused, not allocated
         with torch.device('meta'): probe = make()
@@ -98,7 +98,8 @@ def describe(recipe: Recipe, model: SpecNet) -> str:
     """Spec, parameter count and receptive-field table of `model` as text."""
     ws = ', weight-standardized convs' if model.ws else ''
     act = '' if model.act == 'relu' else f', {model.act}'
-    return (f'recipe {recipe.name}, norm {model.norm}{ws}{act}\nspec: {model.spec}\n'
+    whiten = ', first conv started as a patch whitening' if model.whiten else ''
+    return (f'recipe {recipe.name}, norm {model.norm}{ws}{act}{whiten}\nspec: {model.spec}\n'
             f'parameters: {count_params(model):,}\n'
             f'receptive field (last layer before GAP): {total_rf(model.spec)}\n\n'
             f'{rf_table(model.spec).to_string(index=False)}\n')
@@ -134,6 +135,15 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
     learn.recorder.train_metrics = True
     learn.to_channelslast(use_amp=device.type == 'cuda')  # channels_last is ~2x faster for these convs on CPU too
     return learn
+
+
+def _training_images(dl, n: int = 512) -> torch.Tensor:
+    """The first `n` or more images of training batches, augmented and normalized as the network sees them."""
+    batches = []
+    for xb, _ in dl:
+        batches.append(xb.as_subclass(torch.Tensor))
+        if sum(map(len, batches)) >= n: break
+    return torch.cat(batches)
 
 
 def _versions() -> dict:
@@ -206,6 +216,7 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
         if procs.main:
             hist = pd.read_csv(out / 'history.csv')  # drop any row logged after the checkpoint was taken
             atomic_write(out / 'history.csv', hist[hist.epoch < start].to_csv(index=False))
+    if cfg.whiten and not cfg.resume: model.init_whitening(_training_images(learn.dls.train))
     lr = prev.get('lr_used') if cfg.resume else cfg.lr
     if lr == 'find':
         lr = float(learn.lr_find().valley)

@@ -22,7 +22,7 @@ from cifar_fa import (
 )
 from cifar_fa.callbacks import GroupNormLikeBN  # noqa: F401 (imported to fail early if the module breaks)
 from cifar_fa.config import RunError
-from cifar_fa.layers import WSConv2d
+from cifar_fa.layers import WSConv2d, whitening_filters
 from recipes.s7_dilated_separable import RECIPE as S7
 from recipes.s8_norms import RECIPE as S8
 
@@ -60,7 +60,30 @@ def test_conv_block_options():
 
 def test_layers_exports():
     assert layers.__all__ == ['NORMS', 'GN_GROUPS', 'norm_layer', 'ACTIVATIONS', 'activation', 'WSConv2d',
-                              'ConvBlock']
+                              'ConvBlock', 'whitening_filters']
+
+
+def test_whitening_filters_decorrelate_the_patches_they_were_taken_from():
+    set_seed(0)
+    x = torch.randn(32, 3, 12, 12)
+    x[:, 1] = 0.8 * x[:, 0] + 0.2 * x[:, 1]  # correlated channels, as in photographs
+    w = whitening_filters(x, 16)
+    assert w.shape == (16, 3, 3, 3) and torch.equal(w[8:], -w[:8])
+    out = F.conv2d(x, w[:8]).transpose(0, 1).flatten(1)
+    assert torch.allclose(out @ out.T / out.shape[1], torch.eye(8), atol=1e-3)
+    with pytest.raises(ValueError, match='odd'): whitening_filters(x, 15)
+    with pytest.raises(ValueError, match='27 directions, fewer than 32'): whitening_filters(x, 64)
+
+
+def test_whitened_first_conv_is_plain_and_starts_as_the_whitening():
+    model = SpecNet(S8.spec, 'gn', ws=True, whiten=True)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert type(convs[0]) is nn.Conv2d and all(type(c) is WSConv2d for c in convs[1:])
+    assert count_params(model) == count_params(SpecNet(S8.spec, 'gn', ws=True))
+    x = torch.randn(8, 3, 32, 32)
+    model.init_whitening(x)
+    assert torch.equal(convs[0].weight, whitening_filters(x, 16))
+    with pytest.raises(ValueError, match='only a plain'): SpecNet('C1:8/dw GAP O', 'bn', whiten=True).init_whitening(x)
 
 
 def test_build_model_checks_the_budget_before_any_weight_exists(monkeypatch):

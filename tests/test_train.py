@@ -210,6 +210,32 @@ def test_ema_run_resumes_to_the_same_history(synth, tmp_path, monkeypatch):
         run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **{**kw, 'ema': 0.}))
 
 
+def test_whiten_sets_the_first_conv_of_a_fresh_run_only(synth, tmp_path, monkeypatch):
+    from cifar_fa.callbacks import EpochCheckpoint
+    from cifar_fa.models import SpecNet
+    save, init, seen = EpochCheckpoint.after_epoch, SpecNet.init_whitening, []
+
+    def interrupt_after_epoch_0(self):
+        save(self)
+        raise KeyboardInterrupt
+
+    def record(model, images):
+        seen.append(images)
+        init(model, images)
+
+    monkeypatch.setattr(SpecNet, 'init_whitening', record)
+    monkeypatch.setattr(EpochCheckpoint, 'after_epoch', interrupt_after_epoch_0)
+    kw = dict(norm='gn', ws=True, whiten=True, epochs=2, bs=16, lr=1e-2, workers=0, device='cpu', data=str(synth),
+              subset=4)
+    with pytest.raises(KeyboardInterrupt): run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), **kw))
+    assert len(seen) == 1 and seen[0].shape == (32, 3, 32, 32)  # both training batches of 16 (40 images, last dropped)
+    assert abs(float(seen[0].mean())) < 1  # normalized, as the network sees them
+    monkeypatch.setattr(EpochCheckpoint, 'after_epoch', save)
+    run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **kw))
+    assert len(seen) == 1  # the resumed run keeps its trained first conv
+    assert 'first conv started as a patch whitening' in (tmp_path / 'cut' / 'summary.txt').read_text()
+
+
 def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(synth, tmp_path, monkeypatch):
     import cifar_fa.callbacks as cbs
     replace_file, weights_saved = os.replace, []
@@ -311,7 +337,7 @@ def test_readme_table_from_run_folders(trained, tmp_path):
             '--label-smoothing 0` |') in text
     full = results_table([out], full_commands=True)
     assert ('`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 '
-            '--ema 0 --dropout 0 --no-ws --act relu --no-batch-augs --seed 42` |') in full
+            '--ema 0 --dropout 0 --no-ws --act relu --no-whiten --no-batch-augs --seed 42` |') in full
     # linked from the README's folder
     assert f'[{out.name}]({Path(os.path.relpath(out, tmp_path)).as_posix()}/)' in text
     assert "not the recipe file's" not in text
@@ -327,7 +353,7 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     spec = cfg['spec'].replace(':', ':2', 1)
     (trial / 'config.json').write_text(json.dumps({**cfg, 'spec': spec}))
     # a network trial is reproducible as is
-    assert f"--no-ws --act relu --no-batch-augs --seed 42 --spec '{spec}'`" in results_table([trial])
+    assert f"--no-ws --act relu --no-whiten --no-batch-augs --seed 42 --spec '{spec}'`" in results_table([trial])
     (trial / 'config.json').write_text(json.dumps({**cfg, 'augs': cfg['augs'][:-1]}))
     assert "--seed 42` (AUGS not the recipe file's: see its config.json and train.log)" in results_table([trial])
     fig = comparison_figure([out], 'one run')
