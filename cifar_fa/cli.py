@@ -85,6 +85,8 @@ def parser(recipe: Recipe, given_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--whiten', action=argparse.BooleanOptionalAction, default=d['whiten'],
                    help="start the first conv as a whitening of the training images' patches (airbench), a plain "
                         'conv even with --ws')
+    p.add_argument('--size', type=positive(int), default=d['size'],
+                   help='side in px of the images the network sees: every batch (train and test) is resized to it')
     p.add_argument('--label-smoothing', type=_fraction, default=d['label_smoothing'],
                    help='label smoothing of the loss')
     p.add_argument('--ema', type=_fraction, default=d['ema'], metavar='DECAY',

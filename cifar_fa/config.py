@@ -52,6 +52,7 @@ class RunConfig:
     ws: bool = False  # weight-standardized convs
     act: str = 'relu'  # a key of ACTIVATIONS: the nonlinearity after every norm
     whiten: bool = False  # the first conv starts as a whitening of the training images' patches (`SpecNet.whiten`)
+    size: int = 32  # side in px of the images the network sees: batches are resized (bilinear) where not 32
     label_smoothing: float = 0.
     ema: float = 0.  # decay of the weights' moving average that validates and is exported; 0: the weights themselves
     batch_augs: bool = False  # the recipe's augmentations on whole batches on the device (`batch_tfms_for`)
@@ -71,7 +72,7 @@ class RunConfig:
 
 # what a run trains, besides its spec (the other settings say where and how fast): a resumed run keeps them all
 RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'ema', 'dropout', 'ws', 'act',
-                'whiten', 'batch_augs', 'seed', 'subset', 'holdout')
+                'whiten', 'size', 'batch_augs', 'seed', 'subset', 'holdout')
 
 
 def flag(name: str, value: object) -> str:

@@ -28,7 +28,7 @@ from .system import atomic_write
 
 __all__ = ['DataError', 'CIFAR_STATS', 'CIFAR_MEAN_RGB', 'KNOWN_COPIES', 'cifar10_path', 'extract_archive',
            'check_layout', 'image_files', 'data_fingerprint', 'data_name', 'DecodedImages', 'AlbumentationsTransform',
-           'CifarDataLoaders', 'cifar_block', 'cifar_dls', 'cache_dir', 'HOLDOUT_SEED', 'holdout_files']
+           'CifarDataLoaders', 'ResizeBatch', 'cifar_block', 'cifar_dls', 'cache_dir', 'HOLDOUT_SEED', 'holdout_files']
 
 IMAGE_EXTS = set(image_extensions)
 CIFAR_STATS = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])  # per-channel mean, std of the training split
@@ -340,17 +340,32 @@ def _items(n_per_class: int | None, held: set[Path] | None):
     return get_items
 
 
+class ResizeBatch(Transform):
+    """Resize every batch of images to `size` x `size` (bilinear), on the DataLoaders' device, train and test alike."""
+    order = 20  # after IntToFloatTensor (10) and the batch augmentations (15), before Normalize (99)
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def encodes(self, x: TensorImage) -> TensorImage:
+        x = torch.nn.functional.interpolate(x.as_subclass(torch.Tensor), size=(self.size, self.size), mode='bilinear',
+                                            align_corners=False, antialias=self.size < x.shape[-1])
+        return TensorImage(x)
+
+
 def cifar_block(augs: Sequence[A.BasicTransform] = (), n_per_class: int | None = None,
                 images: DecodedImages | None = None, held: set[Path] | None = None,
-                batch_augs: Sequence[Transform] = ()) -> DataBlock:
+                batch_augs: Sequence[Transform] = (), size: int = 32) -> DataBlock:
     """DataBlock for CIFAR-style folders: train/ vs test/ split, parent-folder labels, `augs` (albumentations, per
-    image) and `batch_augs` (fastai batch transforms) on train only."""
+    image) and `batch_augs` (fastai batch transforms) on train only; batches resized to `size` px where not 32."""
     return DataBlock(blocks=(ArrayImageBlock, CategoryBlock), get_items=_items(n_per_class, held), get_x=images,
                      splitter=GrandparentSplitter(train_name='train', valid_name='test') if held is None
                      else FuncSplitter(held.__contains__), get_y=parent_label,
                      item_tfms=AlbumentationsTransform(augs) if augs else None,
                      # moved with the DataLoaders, not to GPU 0
-                     batch_tfms=[*batch_augs, Normalize.from_stats(*CIFAR_STATS, cuda=False)])
+                     batch_tfms=[*batch_augs, *([ResizeBatch(size)] if size != 32 else []),
+                                 Normalize.from_stats(*CIFAR_STATS, cuda=False)])
 
 
 class CifarDataLoaders(DataLoaders):
@@ -372,13 +387,13 @@ class CifarDataLoaders(DataLoaders):
 
 def cifar_dls(path: Path, augs: Sequence[A.BasicTransform] = (), bs: int = 128, n_per_class: int | None = None,
               workers: int | None = None, device=None, holdout: int | None = None,
-              batch_augs: Sequence[Transform] = ()) -> CifarDataLoaders:
+              batch_augs: Sequence[Transform] = (), size: int = 32) -> CifarDataLoaders:
     """Train/test `DataLoaders` for the CIFAR-style folder `path`, reading images from its decoded cache, `augs` and
-    `batch_augs` on train only; with `holdout`, train/hold-out: that many training images (`holdout_files`) validate
-    and the test split is not read."""
+    `batch_augs` on train only, every batch resized to `size` px; with `holdout`, train/hold-out: that many training
+    images (`holdout_files`) validate and the test split is not read."""
     if workers is None: workers = min(4, os.cpu_count() or 1)
     held = holdout_files(image_files(path), holdout) if holdout else None
-    block = cifar_block(augs, n_per_class, DecodedImages(path), held, batch_augs)
+    block = cifar_block(augs, n_per_class, DecodedImages(path), held, batch_augs, size)
     dls = block.dataloaders(path, path=path, bs=bs, num_workers=workers, device=device)
     dls = CifarDataLoaders(*dls.loaders, path=dls.path, device=dls.device)
     if held: dls.valid_name = 'hold-out'

@@ -121,7 +121,8 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
         try: augs, batch_augs = (), batch_tfms_for(recipe.augs)
         except ValueError as e: raise RunError(f'--batch-augs: {e}') from None
     dls = cifar_dls(data_path or cifar10_path(cfg.data), augs, bs=cfg.bs // procs.count, n_per_class=cfg.subset,
-                    workers=workers, device=device, holdout=cfg.holdout, batch_augs=batch_augs)
+                    workers=workers, device=device, holdout=cfg.holdout, batch_augs=batch_augs,
+                    size=cfg.size)
     if len(dls.train) == 0:  # fastai drops the last partial batch, and would fail later on an empty DataLoader
         raise DataError(f'{len(dls.train_ds):,} training images make no full batch of {dls.train.bs}; '
                         'lower --bs or raise --subset')

@@ -8,6 +8,7 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CLASSES, write_synthetic
 from PIL import Image
 
@@ -116,6 +117,18 @@ def test_batches_are_one_channels_last_tensor_image(synth):
         assert type(b[0]) is TensorImage and b[0].dtype == torch.float32 and b[0].shape[1:] == (3, 32, 32)
         assert b[0].is_contiguous(memory_format=torch.channels_last)  # stacked HWC arrays: what to_channelslast wants
     assert len(b) == 1 and type(dls.train.one_batch()[1]) is TensorCategory
+
+
+def test_size_resizes_every_split_and_leaves_32_px_untouched(synth):
+    plain = cifar_dls(synth, bs=8, workers=0)
+    big = cifar_dls(synth, bs=8, workers=0, size=48)
+    image = [synth / 'test' / CLASSES[0] / '0000.png']
+    for dl, ref in ((big.train, plain.train), (big.valid, plain.valid), (big.test_dl(image), plain.test_dl(image))):
+        x, x32 = (d.new(shuffle=False, drop_last=False).one_batch()[0] for d in (dl, ref))
+        assert x.shape[2:] == (48, 48) and x32.shape[2:] == (32, 32)
+        want = F.interpolate(x32.as_subclass(torch.Tensor), size=(48, 48), mode='bilinear', align_corners=False)
+        assert torch.allclose(x.as_subclass(torch.Tensor), want, atol=1e-5)  # resizing commutes with Normalize
+    assert not any(isinstance(t, data.ResizeBatch) for t in plain.train.after_batch.fs)
 
 
 def test_bad_files_skipped_with_warning(synth, tmp_path):

@@ -337,7 +337,7 @@ def test_readme_table_from_run_folders(trained, tmp_path):
             '--label-smoothing 0` |') in text
     full = results_table([out], full_commands=True)
     assert ('`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 '
-            '--ema 0 --dropout 0 --no-ws --act relu --no-whiten --no-batch-augs --seed 42` |') in full
+            '--ema 0 --dropout 0 --no-ws --act relu --no-whiten --size 32 --no-batch-augs --seed 42` |') in full
     # linked from the README's folder
     assert f'[{out.name}]({Path(os.path.relpath(out, tmp_path)).as_posix()}/)' in text
     assert "not the recipe file's" not in text
@@ -353,7 +353,7 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     spec = cfg['spec'].replace(':', ':2', 1)
     (trial / 'config.json').write_text(json.dumps({**cfg, 'spec': spec}))
     # a network trial is reproducible as is
-    assert f"--no-ws --act relu --no-whiten --no-batch-augs --seed 42 --spec '{spec}'`" in results_table([trial])
+    assert f"--size 32 --no-batch-augs --seed 42 --spec '{spec}'`" in results_table([trial])
     (trial / 'config.json').write_text(json.dumps({**cfg, 'augs': cfg['augs'][:-1]}))
     assert "--seed 42` (AUGS not the recipe file's: see its config.json and train.log)" in results_table([trial])
     fig = comparison_figure([out], 'one run')
