@@ -8,7 +8,7 @@ SPEC = 'C1:16 C2:32 c3:16 P1 C3:24 C4:24 C5:24+C3 c6:16 P2 C7:36 C8:36 C9:36+C7 
 
 # no cutout: with one 8x8 hole every norm ended with train accuracy below test, i.e. 49K parameters underfit
 AUGS = [
-    A.PadIfNeeded(36, 36, border_mode=4),  # reflect-pad 2 px, then a random 32x32 crop: shifts of up to 2 px
+    A.PadIfNeeded(40, 40, border_mode=4),  # reflect-pad 4 px, then a random 32x32 crop: shifts of up to 4 px
     A.RandomCrop(32, 32),
     A.HorizontalFlip(),
 ]
