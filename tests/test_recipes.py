@@ -28,7 +28,7 @@ def test_dry_run(cli):
     r = cli(S8, '--norm', 'all', '--dry-run', '--data', '/nonexistent')  # loads no data
     assert r.returncode == 0, r.stderr
     summaries = r.stdout.split('SpecNet(')[1:]
-    assert len(summaries) == 3 and all('parameters: 49,162' in t and 'constraints: ok' in t and 'n_out' in t
+    assert len(summaries) == 3 and all('parameters: 48,138' in t and 'constraints: ok' in t and 'n_out' in t
                                        for t in summaries)
     assert ['GroupNorm' in t for t in summaries] == [False, True, True]  # bn, gn, ln
 
@@ -39,7 +39,7 @@ NARROW = 'C1:8 C2:16 c3:8 P1 C3:16 C4:16 C5:16+C3 c6:8 P2 C7:16 C8:16 C9:16+C7 G
 def test_spec_replaces_the_recipes_network(cli):
     r = cli(S8, '--spec', NARROW, '--dry-run', '--data', '/nonexistent')
     assert r.returncode == 0 and f'spec: {NARROW}\n' in r.stdout and 'constraints: ok' in r.stdout, r.stderr
-    assert 'parameters: 49,162' not in r.stdout
+    assert 'parameters: 48,138' not in r.stdout
     bad = cli(S8, '--spec', 'C1:16 X', '--dry-run')
     assert bad.returncode == 2 and bad.stderr.startswith('error: --spec: spec token') and 'Traceback' not in bad.stderr
     shapes = cli(S8, '--spec', NARROW.replace('C5:16+C3', 'C5:16+C2'), '--dry-run')  # C2 is 32x32, C5 16x16
@@ -244,7 +244,7 @@ def test_norm_all_writes_comparison(synth, tmp_path, cli):
     assert r.returncode == 0, r.stderr
     for n in ('bn', 'gn', 'ln'): assert (tmp_path / f's8_{n}' / 'metrics.json').exists()
     table = (tmp_path / 's8_comparison.md').read_text()
-    assert table.count('| [s8_') == 3 and '49,162' in table and (tmp_path / 's8_comparison.png').stat().st_size
+    assert table.count('| [s8_') == 3 and '48,138' in table and (tmp_path / 's8_comparison.png').stat().st_size
     assert '| [s8_ln]' in r.stdout  # the table is printed too
     assert '`recipes/s8_norms.py --norm gn --opt sgd --lr 0.1 --wd 0.0005 --bs 32 --epochs 1 ' in table
     shutil.rmtree(tmp_path / 's8_gn')  # as if interrupted before gn began ...

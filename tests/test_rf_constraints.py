@@ -59,14 +59,14 @@ def test_1x1_convs_are_neither_dilated_nor_separable(spec, need):
 
 @pytest.mark.parametrize('change,msg', [(('C1:16', 'C1:16/k1'), 'layer C1 has /k1'),
                                         (('C2:32', 'C2:32/s2'), 'layer C2 has /s2'),
-                                        (('c3:16', 'c3:16/k3'), 'layer c3 has /k3'),
+                                        (('c3:24', 'c3:24/k3'), 'layer c3 has /k3'),
                                         (('C3:24', 'C3:24/d2'), 'layer C3 has /d2'),
                                         (('C4:24', 'C4:24/dw/k5'), 'layer C4 has /k5/dw')])
 def test_skeleton_takes_plain_layers(change, msg):
     with pytest.raises(ConstraintError, match=msg + ", but the skeleton's layers take no /options"):
         S8.constraints.check(SpecNet(S8.spec.replace(*change), 'bn'))
     # the letter's own kernel
-    S8.constraints.check(SpecNet(S8.spec.replace('C1:16', 'C1:16/k3').replace('c3:16', 'c3:16/k1'), 'bn'))
+    S8.constraints.check(SpecNet(S8.spec.replace('C1:16', 'C1:16/k3').replace('c3:24', 'c3:24/k1'), 'bn'))
 
 
 def test_constraints_pass():
