@@ -51,7 +51,7 @@ class RunConfig:
     dropout: float = 0.
     ws: bool = False  # weight-standardized convs
     act: str = 'relu'  # a key of ACTIVATIONS: the nonlinearity after every norm
-    whiten: bool = False  # the first conv starts as a whitening of the training images' patches (`SpecNet.whiten`)
+    whiten: bool = False  # the first conv starts as a whitening of the training patches (`SpecNet.init_whitening`)
     size: int = 32  # side in px of the images the network sees: batches are resized (bilinear) where not 32
     label_smoothing: float = 0.
     ema: float = 0.  # decay of the weights' moving average that validates and is exported; 0: the weights themselves

@@ -17,6 +17,11 @@ class SpecNet(nn.Module):
         super().__init__()
         self.spec, self.norm, self.ws, self.act, self.whiten = spec, norm, ws, act, whiten
         make_norm, layers, width, shapes, specs = norm_layer(norm), {}, n_in, {}, parse_spec(spec)
+        first = specs[0]
+        if whiten and not (first.kind == 'conv' and not first.separable and first.dilation == first.stride == 1
+                           and first.nf and first.nf % 2 == 0 and first.nf <= 2 * n_in * first.ks ** 2):
+            raise ValueError('a whitened first layer must be a plain conv (not separable, dilated or strided) with an '
+                             'even width of at most 2 x its patch size (54 for 3x3 on RGB)')
         for l in specs:
             if l.kind == 'conv':
                 # standardizing would undo the whitening: each filter's mean and scale are what it whitens with
@@ -51,11 +56,7 @@ class SpecNet(nn.Module):
 
     def init_whitening(self, images: torch.Tensor) -> None:
         """Set the first conv's filters to `whitening_filters` of `images` (a batch as the network sees it)."""
-        first = next(iter(self.layers.values()))
-        if not isinstance(first, ConvBlock) or first.separable or first.dilation != 1 or first.stride != 1:
-            raise ValueError("only a plain 3x3-style first conv (the spec's first layer; not separable, dilated or "
-                             'strided) can start as a whitening')
-        conv = first[0]
+        conv = next(iter(self.layers.values()))[0]
         with torch.no_grad(): conv.weight.copy_(whitening_filters(images, conv.out_channels, conv.kernel_size[0]))
 
 

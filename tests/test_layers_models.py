@@ -83,7 +83,8 @@ def test_whitened_first_conv_is_plain_and_starts_as_the_whitening():
     x = torch.randn(8, 3, 32, 32)
     model.init_whitening(x)
     assert torch.equal(convs[0].weight, whitening_filters(x, 16))
-    with pytest.raises(ValueError, match='only a plain'): SpecNet('C1:8/dw GAP O', 'bn', whiten=True).init_whitening(x)
+    for spec in ('C1:8/dw GAP O', 'C1:15 GAP O', 'C1:56 GAP O', 'P1 C1:8 GAP O'):
+        with pytest.raises(ValueError, match='a whitened first layer must be a plain conv'): SpecNet(spec, whiten=True)
 
 
 def test_build_model_checks_the_budget_before_any_weight_exists(monkeypatch):
