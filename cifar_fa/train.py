@@ -21,6 +21,7 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
+from fastcore.foundation import L
 
 from .augment import A
 from .batch_augs import batch_tfms_for
@@ -46,7 +47,7 @@ from .receptive_field import rf_table, total_rf
 from .runfolder import prepare_out
 from .system import atomic_write, keep_freed_memory, memory_bytes, process_age
 
-__all__ = ['build_model', 'build_learner', 'describe', 'run', 'pick_device']
+__all__ = ['build_model', 'build_learner', 'describe', 'export_small', 'run', 'pick_device']
 
 
 def pick_device(name: str, procs: Processes | None = None) -> torch.device:
@@ -165,6 +166,20 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({_cpu_model()}, {n} thread{'s' * (n != 1)})"
 
 
+def export_small(learn: Learner, fname: str = 'model.pkl') -> None:
+    """`learn.export` without what inference never reads: the split indices and the per-step schedule."""
+    # fastai's `new_empty` keeps every dataset's split index lists (60,000 ints per list, 0.8 MB a file), and the
+    # one cycle's lr and momentum at every step (`plot_sched`) would be most of an exported S8 Learner
+    dls, hps = learn.dls, learn.recorder.__dict__.pop('hps', None)
+    learn.dls = dls.new_empty()
+    for dl in learn.dls.loaders:
+        for tl in dl.dataset.tls: tl.splits = L([slice(None), []])
+    try: learn.export(fname)
+    finally:
+        learn.dls = dls
+        if hps is not None: learn.recorder.hps = hps
+
+
 def _seconds(times: pd.Series) -> pd.Series:
     return times.astype(str).map(lambda t: sum(int(x) * 60 ** i for i, x in enumerate(reversed(t.split(':')))))
 
@@ -269,10 +284,7 @@ def run(recipe: Recipe, cfg: RunConfig, model: SpecNet | None = None) -> dict:
         if recipe.tta:
             metrics[f'flip_tta_{split}_accuracy'] = flip_tta_accuracy(learn)
             lap('tta')
-        # the one cycle's lr and momentum at every step (`plot_sched`) would be most of an exported S8 Learner
-        hps = learn.recorder.__dict__.pop('hps', None)
-        learn.export('model.pkl')
-        if hps is not None: learn.recorder.hps = hps
+        export_small(learn, 'model.pkl')
         learn.save((out / 'model').resolve(), with_opt=False)  # plain weights: loading them runs no code
         lap('export')
         metrics['wall_seconds'] = round(time.time() - t0, 1)  # this invocation (after --resume: the resumed part only)

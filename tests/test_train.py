@@ -104,6 +104,7 @@ def test_export_roundtrip_in_fresh_process(trained, synth):
     img = sorted((synth / 'test' / CLASSES[3]).iterdir())[0]
     learn = load_learner(out / 'model.pkl')
     assert not hasattr(learn.recorder, 'hps')  # no per-step schedule in the file: history.csv has the epochs
+    assert all(list(tl.splits) == [slice(None), []] for dl in learn.dls.loaders for tl in dl.dataset.tls)
     live = learn.predict(img)
     code = (f"from fastai.learner import load_learner; import cifar_fa; "
             f"p = load_learner({str(out / 'model.pkl')!r}).predict({str(img)!r}); print(p[0], float(p[2].max()))")
