@@ -157,7 +157,7 @@ def _stopped_meanwhile(seconds: float = 10) -> bool:
 
 def _constraints_line(recipe: Recipe, cfg: RunConfig, model: SpecNet) -> str:
     if cfg.outside_assignment:  # build_model skipped the check
-        try: recipe.constraints.check(model, cfg.epochs)
+        try: recipe.constraints.check(model, cfg.epochs, cfg.size)
         except ConstraintError as e: return f'constraints: not met, not enforced (--outside-assignment): {e}'
     return 'constraints: ok'
 

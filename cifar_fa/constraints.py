@@ -35,8 +35,9 @@ class Constraints:
     need_separable: bool = False
     need_gap: bool = True
 
-    def check(self, model: SpecNet, epochs: int | None = None) -> None:
-        """Raise `ConstraintError` with one clear sentence on the first rule `model` (or `epochs`) breaks."""
+    def check(self, model: SpecNet, epochs: int | None = None, size: int = 32) -> None:
+        """Raise `ConstraintError` with one clear sentence on the first rule `model` (or `epochs`, or an input of
+        `size` px) breaks."""
         layers, n = parse_spec(model.spec), count_params(model)
         names = ' '.join(l.name for l in layers)
         if self.skeleton and names != self.skeleton:
@@ -61,8 +62,10 @@ class Constraints:
         if self.max_params is not None and n >= self.max_params:
             raise ConstraintError(f"the model has {n:,} parameters; "
                                   f"the assignment allows fewer than {self.max_params:,}: narrow some layers")
-        if self.min_rf is not None and (rf := total_rf(model.spec)) <= self.min_rf:
-            raise ConstraintError(f"the receptive field is {rf}; "
+        # the rule counts the 32 px image's pixels: on an input resized to `size` px a layer sees 32 / size as many
+        if self.min_rf is not None and (rf := total_rf(model.spec)) * 32 / size <= self.min_rf:
+            seen = f'{rf} px of the {size} px input, {rf * 32 / size:g} px of the image' if size != 32 else f'{rf}'
+            raise ConstraintError(f"the receptive field is {seen}; "
                                   f"the assignment needs more than {self.min_rf}: add or dilate convs")
         # a 1x1 conv sees one pixel whatever its dilation, and its depthwise part is a per-channel scale
         if self.need_dilated and not any(l.dilation > 1 and l.ks > 1 for l in layers):

@@ -84,7 +84,7 @@ def build_model(recipe: Recipe, cfg: RunConfig) -> SpecNet:
     except ValueError as e:
         if cfg.spec is None: raise
         raise RunError(f'--spec: {e}') from None
-    if not cfg.outside_assignment: recipe.constraints.check(probe, cfg.epochs)
+    if not cfg.outside_assignment: recipe.constraints.check(probe, cfg.epochs, cfg.size)
     n = count_params(probe)  # --outside-assignment skips the budget: the weights may not fit in memory
     too_big = f"the network's {n:,} parameters do not fit in this machine's memory; narrow some layers"
     if 4 * n > memory_bytes(): raise RunError(too_big)

@@ -69,6 +69,13 @@ def test_skeleton_takes_plain_layers(change, msg):
     S8.constraints.check(SpecNet(S8.spec.replace('C1:16', 'C1:16/k3').replace('c3:24', 'c3:24/k1'), 'bn'))
 
 
+def test_rf_counts_the_images_pixels_on_a_resized_input():
+    net, rule = SpecNet('C1:8 C2:8/d2 C3:8/dw GAP O', 'bn'), Constraints(min_rf=8)  # RF 9
+    rule.check(net)
+    with pytest.raises(ConstraintError, match='receptive field is 9 px of the 48 px input, 6 px of the image'):
+        rule.check(net, size=48)
+
+
 def test_constraints_pass():
     Constraints(max_params=100_000, min_rf=15, need_dilated=True, need_separable=True, max_epochs=20).check(
         SpecNet('C1:16 P1 C2:32/d2 C3:32/dw GAP C4', 'bn'), epochs=20)
