@@ -92,6 +92,9 @@ def parser(recipe: Recipe, given_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--ema', type=_fraction, default=d['ema'], metavar='DECAY',
                    help='validate and export a moving average of the weights, updated after every step with this '
                         'decay (e.g. 0.999); 0: the weights themselves')
+    p.add_argument('--lookahead', action=argparse.BooleanOptionalAction, default=d['lookahead'],
+                   help='wrap the optimizer in Lookahead: every 6 steps the weights move half the way back to where '
+                        'they were 6 steps before (fastai)')
     p.add_argument('--batch-augs', action=argparse.BooleanOptionalAction, default=d['batch_augs'],
                    help="run the recipe's augmentations on whole batches on the training device instead of per image "
                         "in the DataLoader workers (reflect-pad, random crop and flip only: S7, S8)")

@@ -55,6 +55,7 @@ class RunConfig:
     size: int = 32  # side in px of the images the network sees: batches are resized (bilinear) where not 32
     label_smoothing: float = 0.
     ema: float = 0.  # decay of the weights' moving average that validates and is exported; 0: the weights themselves
+    lookahead: bool = False  # wrap the optimizer in Lookahead (`optim.lookahead`)
     batch_augs: bool = False  # the recipe's augmentations on whole batches on the device (`batch_tfms_for`)
     seed: int = 42
     workers: int | None = None
@@ -71,8 +72,8 @@ class RunConfig:
 
 
 # what a run trains, besides its spec (the other settings say where and how fast): a resumed run keeps them all
-RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'ema', 'dropout', 'ws', 'act',
-                'whiten', 'size', 'batch_augs', 'seed', 'subset', 'holdout')
+RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'ema', 'lookahead', 'dropout', 'ws',
+                'act', 'whiten', 'size', 'batch_augs', 'seed', 'subset', 'holdout')
 
 
 def flag(name: str, value: object) -> str:

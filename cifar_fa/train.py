@@ -43,6 +43,7 @@ from .data import DataError, cifar10_path, cifar_dls, data_fingerprint, data_nam
 from .distributed import Processes, alone, check_launch, data_parallel, launched
 from .interpret import flip_tta_accuracy, plot_curves, review
 from .models import SpecNet, count_params
+from .optim import lookahead
 from .receptive_field import rf_table, total_rf
 from .runfolder import prepare_out
 from .system import atomic_write, keep_freed_memory, memory_bytes, process_age
@@ -132,7 +133,8 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
                        f"but the data has {len(dls.vocab)} classes; "
                        f"end the spec with GAP and a head of {len(dls.vocab)} (e.g. 'GAP O')")
     loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing else CrossEntropyLossFlat()
-    learn = Learner(dls, model, opt_func=OPTIMIZERS[cfg.opt], loss_func=loss, metrics=accuracy, wd=cfg.wd, path=path,
+    opt_func = lookahead(OPTIMIZERS[cfg.opt]) if cfg.lookahead else OPTIMIZERS[cfg.opt]
+    learn = Learner(dls, model, opt_func=opt_func, loss_func=loss, metrics=accuracy, wd=cfg.wd, path=path,
                     model_dir='checkpoints', cbs=[GroupNormLikeBN(), StopOnNaN(), FloatLosses()])
     learn.recorder.train_metrics = True
     learn.to_channelslast(use_amp=device.type == 'cuda')  # channels_last is ~2x faster for these convs on CPU too

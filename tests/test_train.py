@@ -189,7 +189,10 @@ def test_ema_validates_and_exports_the_average_of_the_weights(synth):
         assert learn.recorder.values[-1][2] == pytest.approx(learn.validate()[0], rel=1e-5)
 
 
-def test_ema_run_resumes_to_the_same_history(synth, tmp_path, monkeypatch):
+@pytest.mark.parametrize('setting,other,was', [(dict(ema=0.9), dict(ema=0.), '--ema 0.9'),
+                                               (dict(lookahead=True), dict(lookahead=False), '--lookahead')])
+def test_run_with_state_beside_the_weights_resumes_to_the_same_history(setting, other, was, synth, tmp_path,
+                                                                        monkeypatch):
     from cifar_fa.callbacks import EpochCheckpoint
     save = EpochCheckpoint.after_epoch
 
@@ -197,18 +200,34 @@ def test_ema_run_resumes_to_the_same_history(synth, tmp_path, monkeypatch):
         save(self)
         raise KeyboardInterrupt
 
-    kw = dict(norm='bn', epochs=3, bs=16, lr=1e-2, ema=0.9, workers=0, device='cpu', data=str(synth), subset=4)
+    # 15 steps an epoch: Lookahead's 6-step cycle is mid-way when epoch 0 ends
+    kw = dict(norm='bn', epochs=3, bs=16, lr=1e-2, workers=0, device='cpu', data=str(synth), subset=6, **setting)
     full = run(S8, RunConfig('s8', out=str(tmp_path / 'full'), **kw))
     monkeypatch.setattr(EpochCheckpoint, 'after_epoch', interrupt_after_epoch_0)
     with pytest.raises(KeyboardInterrupt): run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), **kw))
-    assert (tmp_path / 'cut' / 'checkpoints' / 'last.ema.pth').exists()
+    assert (tmp_path / 'cut' / 'checkpoints' / 'last.ema.pth').exists() == ('ema' in setting)
     monkeypatch.setattr(EpochCheckpoint, 'after_epoch', save)
     resumed = run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **kw))
     h_full, h_cut = (pd.read_csv(tmp_path / d / 'history.csv') for d in ('full', 'cut'))
     pd.testing.assert_frame_equal(h_full.drop(columns='time'), h_cut.drop(columns='time'))
     assert resumed['test_accuracy'] == full['test_accuracy']
-    with pytest.raises(RunError, match='was trained with --ema 0.9'):
-        run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **{**kw, 'ema': 0.}))
+    with pytest.raises(RunError, match=f'was trained with {was};'):
+        run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **{**kw, **other}))
+
+
+def test_lookahead_moves_the_weights_back_every_k_steps():
+    from functools import partial
+
+    from fastai.optimizer import SGD
+
+    from cifar_fa.optim import lookahead
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = lookahead(partial(SGD, mom=0.), k=2, alpha=.5)([p], lr=1.)
+    for x in (1., 1., 2.):  # SGD alone: 1, 2, 3; the 2nd step's 2 is pulled half way back to 0, and SGD goes on from 1
+        p.grad = -torch.ones(3)
+        opt.step()
+        assert torch.equal(p.data, torch.full((3,), x))
+    assert opt.state_dict()['count'] == 3 and type(opt.state_dict()['slow_weights']) is list
 
 
 def test_whiten_sets_the_first_conv_of_a_fresh_run_only(synth, tmp_path, monkeypatch):
@@ -338,7 +357,8 @@ def test_readme_table_from_run_folders(trained, tmp_path):
             '--label-smoothing 0` |') in text
     full = results_table([out], full_commands=True)
     assert ('`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 '
-            '--ema 0 --dropout 0 --no-ws --act relu --no-whiten --size 32 --no-batch-augs --seed 42` |') in full
+            '--ema 0 --no-lookahead --dropout 0 --no-ws --act relu --no-whiten --size 32 --no-batch-augs --seed 42` |'
+            ) in full
     # linked from the README's folder
     assert f'[{out.name}]({Path(os.path.relpath(out, tmp_path)).as_posix()}/)' in text
     assert "not the recipe file's" not in text
