@@ -6,6 +6,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from .distributed import unwrapped, unwrapped_model
 from .system import interrupts_held, signalled
 
 __all__ = ['GroupNormLikeBN', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN',
-           'PhaseTimes', 'FloatLosses', 'DivergedError', 'StopWhenSignalled', 'WeightsEMA', 'last_epoch']
+           'PhaseTimes', 'FloatLosses', 'DivergedError', 'StopWhenSignalled', 'WeightsEMA', 'ema_update', 'last_epoch']
 
 
 class GroupNormLikeBN(Callback):
@@ -164,6 +165,15 @@ class EpochState(Callback):
             if hasattr(tfm, 'reseed'): tfm.reseed()
 
 
+def ema_update(decay: float) -> Callable:
+    """`AveragedModel`'s `multi_avg_fn` for a moving average with `decay`, warmed up as timm's `ModelEmaV3` is: after
+    `n` updates the decay is min(`decay`, (1 + n) / (10 + n)), so that the first steps' weights fade from the average
+    within a few hundred steps rather than lingering in it (0.999 ** 3,500: 3 % after a 10-epoch S9 screen)."""
+    def update(averages: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
+        get_ema_multi_avg_fn(min(decay, (1 + float(n)) / (10 + float(n))))(averages, params, n)
+    return update
+
+
 class WeightsEMA(Callback):
     """Keep an exponential moving average of the weights and norm buffers (torch's `AveragedModel`), updated after
     every optimizer step; validate with it, and leave it in the model when `fit` ends, for the review and the export.
@@ -175,7 +185,7 @@ class WeightsEMA(Callback):
     def before_fit(self):
         if self.learn.opt is None: return  # get_preds and summary run the fit events without an optimizer
         live = unwrapped_model(self.learn.model)
-        self.ema = AveragedModel(live, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+        self.ema = AveragedModel(live, multi_avg_fn=ema_update(self.decay), use_buffers=True)
         if self.state is not None: self.ema.load_state_dict(self.state)
         self.state = None
 

@@ -166,6 +166,19 @@ def test_interrupted_run_resumes_to_the_same_history(synth, tmp_path, monkeypatc
             and 'resumed invocation' in row)
 
 
+def test_ema_warms_up_its_decay():
+    from torch.optim.swa_utils import AveragedModel
+
+    from cifar_fa.callbacks import ema_update
+    live = torch.nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(live, multi_avg_fn=ema_update(.999), use_buffers=True)
+    for w in (1., 2., 4.):
+        live.weight.data.fill_(w)
+        ema.update_parameters(live)
+    # the first update copies; then decays of 2/11 and 3/12, not 0.999: the first weights fade at once
+    assert ema.module.weight.item() == pytest.approx((2 / 11 * 1 + 9 / 11 * 2) * 3 / 12 + 9 / 12 * 4)
+
+
 def test_ema_validates_and_exports_the_average_of_the_weights(synth):
     from fastai.callback.core import Callback
 
@@ -177,7 +190,7 @@ def test_ema_validates_and_exports_the_average_of_the_weights(synth):
         def after_step(self): self.state = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
 
     cfg = RunConfig('s8', norm='bn', epochs=2, bs=16, workers=0, device='cpu', data=str(synth), subset=4)
-    for decay in (1., 0., .5):  # 1: the average never leaves the first step's weights; 0: it is the last step's
+    for decay in (0., .5):  # 0: the average is the last step's weights
         learn = build_learner(S8, cfg)
         last = LastWeights()
         learn.fit(2, 1e-2, cbs=[WeightsEMA(decay), last])
