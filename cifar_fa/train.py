@@ -170,7 +170,7 @@ def _device_name(device: torch.device) -> str:
 
 def export_small(learn: Learner, fname: str = 'model.pkl') -> None:
     """`learn.export` without what inference never reads: the split indices and the per-step schedule."""
-    # fastai's `new_empty` keeps every dataset's split index lists (60,000 ints per list, 0.8 MB a file), and the
+    # fastai's `new_empty` keeps every dataset's split index lists (60,000 ints per list, 0.72 MB a file), and the
     # one cycle's lr and momentum at every step (`plot_sched`) would be most of an exported S8 Learner
     dls, hps = learn.dls, learn.recorder.__dict__.pop('hps', None)
     learn.dls = dls.new_empty()
