@@ -21,6 +21,7 @@ from fastai.torch_core import TensorImage
 from fastai.vision.augment import Normalize
 from fastai.vision.core import load_image
 from fasttransform import ItemTransform, Transform
+from filelock import FileLock
 from PIL import Image
 
 from .augment import A
@@ -60,6 +61,15 @@ def extract_archive(archive: Path, dest: Path | None = None) -> Path:
     """Extract `archive` once into the cache (atomically: a half-finished extraction is never reused) and return it."""
     dest = Path(dest or cache_dir()) / f'{archive.name.split(".")[0]}-{_archive_key(archive)}'
     if dest.is_dir(): return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # runs started together on an empty cache: one extracts, the others wait for it and reuse its folder
+    with FileLock(dest.with_name(dest.name + '.lock')):
+        if dest.is_dir(): return dest
+        _extract(archive, dest)
+    return dest
+
+
+def _extract(archive: Path, dest: Path) -> None:
     tmp = dest.with_name(dest.name + '.partial')
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -80,7 +90,6 @@ def extract_archive(archive: Path, dest: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     tmp.rename(dest)
-    return dest
 
 
 def _find_root(path: Path) -> Path:

@@ -2,6 +2,8 @@ import io
 import os
 import shutil
 import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.error import URLError
 
 import albumentations as A
@@ -44,6 +46,23 @@ def test_half_finished_extraction_is_redone(synth, tmp_path):
     partial.mkdir()
     (partial / 'junk').touch()
     assert (cifar10_path(arc) / 'test').is_dir() and not partial.exists()
+
+
+def test_runs_started_together_on_an_empty_cache_share_one_extraction(synth, tmp_path, monkeypatch):
+    arc = _tgz(synth, tmp_path / 'c.tgz')
+    extractall = tarfile.TarFile.extractall
+
+    def slow_extractall(self, *args, **kwargs):  # widens the window in which a second run arrives
+        time.sleep(0.5)
+        return extractall(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, 'extractall', slow_extractall)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(data.extract_archive, arc)
+        time.sleep(0.2)
+        roots = [pool.submit(data.extract_archive, arc).result(), first.result()]
+    assert roots[0] == roots[1]
+    assert sorted(p.name for p in (roots[0] / 'cifar10' / 'train').iterdir()) == CLASSES
 
 
 def test_archive_escaping_cache_refused(tmp_path):
