@@ -127,6 +127,23 @@ def test_sigterm_with_a_pending_sigchld_is_one_interrupt():
             and 'Traceback' not in r.stderr), (r.stdout, r.stderr)
 
 
+def test_an_error_after_a_swallowed_interrupt_is_the_interrupt():
+    # Ctrl-C lands in logging's at-fork hook while workers start, which swallows its KeyboardInterrupt; the worker it
+    # ended is then found missing, which torch reports as an error of its own
+    code = """if True:
+        import signal
+        from cifar_fa.system import stop_on_signals, stop_requested
+        stop_on_signals()
+        worker_gone = RuntimeError('DataLoader worker (pid(s) 123) exited unexpectedly')
+        print(stop_requested(worker_gone))
+        try: signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt: pass
+        print(stop_requested(worker_gone))"""
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    assert r.returncode == 0 and r.stdout.split() == ['False', 'True'], (r.stdout, r.stderr)
+
+
 def test_sigterm_to_a_worker_still_starting_ends_it_quietly():
     # `pkill -f` reaches a DataLoader worker while multiprocessing's at-fork hooks still run, before torch's worker
     # loop could catch a KeyboardInterrupt: the inherited handler must end the worker, not print a traceback
