@@ -10,7 +10,7 @@ from fastai.optimizer import SGD, Adam
 from .augment import A
 from .constraints import Constraints
 
-__all__ = ['OPTIMIZERS', 'RUN_SETTINGS', 'Recipe', 'RunConfig', 'RunError', 'flag']
+__all__ = ['OPTIMIZERS', 'RUN_SETTINGS', 'Recipe', 'RunConfig', 'RunError', 'flag', 'run_settings']
 
 
 # fit_one_cycle drives the momentum (0.95 -> 0.85 -> 0.95); fastai's SGD only keeps momentum if built with some
@@ -34,8 +34,7 @@ class Recipe:
 
     def settings(self, norm: str) -> dict:
         """Every run setting's default for `norm`: `RunConfig`'s, then the recipe's, then the norm's own."""
-        base = {f.name: f.default for f in fields(RunConfig) if f.name != 'recipe'}
-        return {**base, **self.defaults, **self.norm_defaults.get(norm, {}), 'norm': norm}
+        return {**_DEFAULTS, **self.defaults, **self.norm_defaults.get(norm, {}), 'norm': norm}
 
 
 @dataclass
@@ -71,9 +70,17 @@ class RunConfig:
     spec: str | None = None  # the network; None: the recipe's SPEC
 
 
+_DEFAULTS = {f.name: f.default for f in fields(RunConfig) if f.name != 'recipe'}
+
 # what a run trains, besides its spec (the other settings say where and how fast): a resumed run keeps them all
 RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'ema', 'lookahead', 'dropout', 'ws',
                 'act', 'whiten', 'size', 'batch_augs', 'seed', 'subset', 'holdout')
+
+
+def run_settings(saved: dict) -> dict:
+    """The `RUN_SETTINGS` a run's config.json records; one added after the run was made has `RunConfig`'s default,
+    with which the run trained (every new setting starts off)."""
+    return {k: saved.get(k, _DEFAULTS[k]) for k in RUN_SETTINGS}
 
 
 def flag(name: str, value: object) -> str:

@@ -6,14 +6,13 @@ import functools
 import json
 import os
 import re
-from dataclasses import fields
 from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from .config import RUN_SETTINGS, RunConfig, flag
+from .config import RUN_SETTINGS, flag, run_settings
 from .data import data_name
 from .registry import get_recipe, list_recipes, recipe_script
 
@@ -31,17 +30,13 @@ def load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict, dict]]:
             for d in run_dirs]
 
 
-_RUN_DEFAULTS = {f.name: f.default for f in fields(RunConfig) if f.name in RUN_SETTINGS}
-
-
 def _command(cfg: dict, full: bool = True) -> str:
     """The recipe command that reproduces the run: every training setting spelled out (`full`, whatever the defaults
     become), or only the norm and the settings that differ from the recipe file's defaults."""
     # the registry's script, not argv[0]: a run may start from Python
     script, recipe = _recipes().get(cfg['recipe'], (f"recipes/{cfg['recipe']}.py", None))
     defaults = {} if full or recipe is None else recipe.settings(cfg['norm'])
-    # a setting added after the run was made trained it at the setting's default (every new setting starts off)
-    cfg = {**{k: v for k, v in _RUN_DEFAULTS.items() if k not in cfg}, **cfg}
+    cfg = {**cfg, **run_settings(cfg)}
     flags = [flag(k, cfg[k]) for k in RUN_SETTINGS
              if cfg.get(k) is not None and (k == 'norm' or k not in defaults or defaults[k] != cfg[k])]
     spec = [f"--spec '{cfg['spec']}'"] if recipe and cfg['spec'] != recipe.spec else []

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from .callbacks import last_epoch
-from .config import RUN_SETTINGS, RunConfig, RunError, flag
+from .config import RunConfig, RunError, flag, run_settings
 from .data import data_name
 from .distributed import Processes
 
@@ -58,8 +58,10 @@ def _checked_out(cfg: RunConfig, spec: str, fingerprint: dict, processes: int) -
     if prev.get('data_fingerprint', fingerprint) != fingerprint:
         raise RunError(f"{out} was trained on {prev['data_name']} ({prev['data_path']}), not on the data given "
                        f"({data_name(fingerprint)}); resume it with its own data")
-    if changed := [k for k in RUN_SETTINGS if k in prev and prev[k] != getattr(cfg, k)]:
-        was = ', '.join(flag(k, prev[k]) if prev[k] is not None else f"no --{k.replace('_', '-')}" for k in changed)
+    trained = run_settings(prev) if prev else {}
+    if changed := [k for k, v in trained.items() if v != getattr(cfg, k)]:
+        was = ', '.join(flag(k, trained[k]) if trained[k] is not None else f"no --{k.replace('_', '-')}"
+                        for k in changed)
         raise RunError(f"{out} was trained with {was}; "
                        "resume it with the same settings, or start a new run in another --out")
     if cfg.resume and (n := prev.get('processes', 1)) != processes:

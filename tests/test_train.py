@@ -352,13 +352,15 @@ def test_lr_find_picks_valley_and_saves_plot(synth, tmp_path):
     assert (tmp_path / 'run' / 'lr_find.png').stat().st_size > 1000 and m['epochs'] == 1
 
 
-def test_command_of_a_run_older_than_a_setting_names_the_settings_default(trained, tmp_path):
+def test_a_run_older_than_a_setting_was_trained_at_the_settings_default(trained, synth, tmp_path):
     old = shutil.copytree(trained[1], tmp_path / 'old')
     cfg = json.loads((old / 'config.json').read_text())
     del cfg['whiten'], cfg['lookahead']  # settings added after this run was made
     (old / 'config.json').write_text(json.dumps(cfg))
     full = results_table([old], full_commands=True)
     assert '--ema 0 --no-lookahead --dropout 0' in full and '--no-whiten' in full
+    kw = dict(norm='bn', epochs=4, bs=16, lr=1e-2, workers=0, device='cpu', data=str(synth), out=str(old), resume=True)
+    with pytest.raises(RunError, match='was trained with --no-whiten;'): run(S8, RunConfig('s8', whiten=True, **kw))
 
 
 def test_readme_table_from_run_folders(trained, tmp_path):
