@@ -1,6 +1,7 @@
 """S7: four conv blocks with max-pools between them, dilated and depthwise-separable convs, < 1,000,000 parameters.
 
-The defaults' 20 epochs took 57.3 min on a 2-core CPU, alone (results/s7: `epoch_seconds` 3,437).
+The defaults' 20 epochs took 58.7 min on one thread of a 2-core CPU, beside another one-thread run
+(results/s7: `epoch_seconds` 3,521).
 """
 from cifar_fa import Recipe, main
 from cifar_fa.assignments import S7
