@@ -95,7 +95,7 @@ def signalled(clear: bool = False) -> bool:
 def stop_requested(e: BaseException) -> bool:
     """Whether `e` is Ctrl-C or SIGTERM, torch reporting workers that they stopped (before `_interrupt` ran), or any
     error after a signal whose KeyboardInterrupt was swallowed (then a worker the signal ended is found missing)."""
-    return (bool(_signalled) or isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt)
+    return (signalled() or isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt)
             or any(f'killed by signal: {name}' in str(e) for name in ('Terminated', 'Interrupt')))
 
 
