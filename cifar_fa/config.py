@@ -9,12 +9,13 @@ from fastai.optimizer import SGD, Adam
 
 from .augment import A
 from .constraints import Constraints
+from .optim import nesterov_sgd
 
 __all__ = ['OPTIMIZERS', 'RUN_SETTINGS', 'Recipe', 'RunConfig', 'RunError', 'flag', 'run_settings']
 
 
 # fit_one_cycle drives the momentum (0.95 -> 0.85 -> 0.95); fastai's SGD only keeps momentum if built with some
-OPTIMIZERS = {'adam': Adam, 'sgd': partial(SGD, mom=0.9, decouple_wd=False)}
+OPTIMIZERS = {'adam': Adam, 'sgd': partial(SGD, mom=0.9, decouple_wd=False), 'nesterov': nesterov_sgd}
 
 
 class RunError(ValueError):
@@ -44,7 +45,7 @@ class RunConfig:
     norm: str = 'bn'
     epochs: int = 20
     bs: int = 128
-    opt: str = 'adam'  # a key of OPTIMIZERS
+    opt: str = 'adam'  # a key of OPTIMIZERS: adam, sgd (momentum, L2) or nesterov (Nesterov's momentum, L2)
     lr: float | str = 1e-2  # max learning rate of the one cycle, or 'find' for lr_find's valley
     wd: float = 1e-2  # adam: decoupled (AdamW); sgd: L2 as in torch.optim.SGD; none on norm weights and biases
     dropout: float = 0.

@@ -4,9 +4,21 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
-from fastai.optimizer import Lookahead, Optimizer
+from fastai.optimizer import Lookahead, Optimizer, average_grad, l2_reg, weight_decay
 
-__all__ = ['SavableLookahead', 'lookahead']
+__all__ = ['SavableLookahead', 'lookahead', 'nesterov_sgd', 'nesterov_step']
+
+
+def nesterov_step(p, lr: float, mom: float, grad_avg, **kwargs) -> None:
+    """Nesterov's momentum step, as `torch.optim.SGD(nesterov=True)`: along the gradient plus `mom` times its updated
+    average."""
+    p.data.add_(p.grad.data.add(grad_avg, alpha=mom), alpha=-lr)
+
+
+def nesterov_sgd(params, lr: float, mom: float = .9, wd: float = 0., decouple_wd: bool = False) -> Optimizer:
+    """fastai's momentum `SGD` with Nesterov's step; the one cycle schedules its `mom` as it does `SGD`'s."""
+    return Optimizer(params, [weight_decay if decouple_wd else l2_reg, average_grad, nesterov_step], lr=lr, mom=mom,
+                     wd=wd)
 
 
 class SavableLookahead(Lookahead):

@@ -228,6 +228,22 @@ def test_run_with_state_beside_the_weights_resumes_to_the_same_history(setting, 
         run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **{**kw, **other}))
 
 
+def test_nesterov_steps_as_torch_sgd_with_nesterov_and_l2():
+    from cifar_fa.config import OPTIMIZERS
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    theirs.data.copy_(ours.data)
+    opt = OPTIMIZERS['nesterov']([ours], lr=.1, wd=5e-4)
+    ref = torch.optim.SGD([theirs], lr=.1, momentum=.9, nesterov=True, weight_decay=5e-4)
+    plain = OPTIMIZERS['sgd']([torch.nn.Parameter(ours.data.clone())], lr=.1, wd=5e-4)
+    for _ in range(4):
+        g = torch.randn(5)
+        ours.grad, theirs.grad, plain.param_lists[0][0].grad = g.clone(), g.clone(), g.clone()
+        opt.step(), ref.step(), plain.step()
+    torch.testing.assert_close(ours.data, theirs.data)
+    assert not torch.allclose(ours.data, plain.param_lists[0][0].data)  # not plain momentum under another name
+
+
 def test_lookahead_moves_the_weights_back_every_k_steps():
     from functools import partial
 
