@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import CSVLogger
+from fastai.callback.schedule import ParamScheduler
 from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.learner import Recorder
 from fastai.torch_core import set_seed
@@ -21,8 +22,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .distributed import unwrapped, unwrapped_model
 from .system import interrupts_held, signalled
 
-__all__ = ['GroupNormLikeBN', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState', 'StopOnNaN',
-           'PhaseTimes', 'FloatLosses', 'DivergedError', 'StopWhenSignalled', 'WeightsEMA', 'ema_update', 'last_epoch']
+__all__ = ['GroupNormLikeBN', 'NormBiasRate', 'PlainProgress', 'ResumableCSVLogger', 'EpochCheckpoint', 'EpochState',
+           'StopOnNaN', 'PhaseTimes', 'FloatLosses', 'DivergedError', 'StopWhenSignalled', 'WeightsEMA', 'ema_update',
+           'last_epoch']
 
 
 class GroupNormLikeBN(Callback):
@@ -37,6 +39,17 @@ class GroupNormLikeBN(Callback):
                 state = self.learn.opt.state[p]
                 if not self.learn.wd_bn_bias: state['do_wd'] = False
                 if self.learn.train_bn: state['force_train'] = True
+
+
+class NormBiasRate(Callback):
+    """The first parameter group (`norm_bias_split`'s norm biases) trains at `multiple` times the rate that the
+    schedule, or a plain `fit`, gives the rest."""
+    order = ParamScheduler.order + 1  # after the schedule has set this step's rate; it records the last group's
+
+    def __init__(self, multiple: float): self.multiple = multiple
+
+    def before_batch(self):
+        if self.training: self.opt.hypers[0]['lr'] = self.multiple * self.opt.hypers[-1]['lr']
 
 
 class FloatLosses(Callback):

@@ -95,6 +95,8 @@ def parser(recipe: Recipe, given_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--lookahead', action=argparse.BooleanOptionalAction, default=d['lookahead'],
                    help='wrap the optimizer in Lookahead: every 6 steps the weights move half the way back to where '
                         'they were 6 steps before (fastai)')
+    p.add_argument('--bias-lr', type=positive(float), default=d['bias_lr'], metavar='MULTIPLE',
+                   help="the norm layers' biases train at this multiple of the learning rate (airbench: 64)")
     p.add_argument('--batch-augs', action=argparse.BooleanOptionalAction, default=d['batch_augs'],
                    help="run the recipe's augmentations on whole batches on the training device instead of per image "
                         "in the DataLoader workers (reflect-pad, random crop and flip only: S7, S8)")

@@ -56,6 +56,7 @@ class RunConfig:
     label_smoothing: float = 0.
     ema: float = 0.  # decay of the weights' moving average that validates and is exported; 0: the weights themselves
     lookahead: bool = False  # wrap the optimizer in Lookahead (`optim.lookahead`)
+    bias_lr: float = 1.  # the norm layers' biases train at this multiple of the rate (airbench: 64)
     batch_augs: bool = False  # the recipe's augmentations on whole batches on the device (`batch_tfms_for`)
     seed: int = 42
     workers: int | None = None
@@ -75,7 +76,7 @@ _DEFAULTS = {f.name: f.default for f in fields(RunConfig) if f.name != 'recipe'}
 
 # what a run trains, besides its spec (the other settings say where and how fast): a resumed run keeps them all
 RUN_SETTINGS = ('norm', 'opt', 'lr', 'wd', 'bs', 'epochs', 'label_smoothing', 'ema', 'lookahead', 'dropout', 'ws',
-                'act', 'whiten', 'size', 'batch_augs', 'seed', 'subset', 'holdout')
+                'act', 'whiten', 'size', 'batch_augs', 'bias_lr', 'seed', 'subset', 'holdout')
 
 
 def run_settings(saved: dict) -> dict:

@@ -8,7 +8,7 @@ from .layers import ConvBlock, norm_layer, whitening_filters
 from .receptive_field import rf_table
 from .spec import parse_spec
 
-__all__ = ['SpecNet', 'count_params']
+__all__ = ['SpecNet', 'count_params', 'norm_bias_split']
 
 class SpecNet(nn.Module):
     """A CNN built from a spec string, with any normalization from `NORMS` by name."""
@@ -58,6 +58,14 @@ class SpecNet(nn.Module):
         """Set the first conv's filters to `whitening_filters` of `images` (a batch as the network sees it)."""
         conv = next(iter(self.layers.values()))[0]
         with torch.no_grad(): conv.weight.copy_(whitening_filters(images, conv.out_channels, conv.kernel_size[0]))
+
+
+def norm_bias_split(model: nn.Module) -> list[list[nn.Parameter]]:
+    """A fastai splitter: the norm layers' biases, then every other parameter."""
+    norms = (m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)))
+    biases = {id(m.bias) for m in norms if m.bias is not None}
+    params = list(model.parameters())
+    return [[p for p in params if id(p) in biases], [p for p in params if id(p) not in biases]]
 
 
 def count_params(model: nn.Module) -> int:

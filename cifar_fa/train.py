@@ -30,6 +30,7 @@ from .callbacks import (
     EpochState,
     FloatLosses,
     GroupNormLikeBN,
+    NormBiasRate,
     PhaseTimes,
     PlainProgress,
     ResumableCSVLogger,
@@ -42,7 +43,7 @@ from .config import OPTIMIZERS, Recipe, RunConfig, RunError
 from .data import DataError, cifar10_path, cifar_dls, data_fingerprint, data_name
 from .distributed import Processes, alone, check_launch, data_parallel, launched
 from .interpret import flip_tta_accuracy, plot_curves, review
-from .models import SpecNet, count_params
+from .models import SpecNet, count_params, norm_bias_split
 from .optim import lookahead
 from .receptive_field import rf_table, total_rf
 from .runfolder import prepare_out
@@ -134,8 +135,11 @@ def build_learner(recipe: Recipe, cfg: RunConfig, path: Path | str = '.', model:
                        f"end the spec with GAP and a head of {len(dls.vocab)} (e.g. 'GAP O')")
     loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing else CrossEntropyLossFlat()
     opt_func = lookahead(OPTIMIZERS[cfg.opt]) if cfg.lookahead else OPTIMIZERS[cfg.opt]
+    # one parameter group unless the norm biases get their own rate: a run's checkpoint holds its optimizer's groups
+    split = dict(splitter=norm_bias_split) if cfg.bias_lr != 1 else {}
+    cbs = [GroupNormLikeBN(), StopOnNaN(), FloatLosses(), *([NormBiasRate(cfg.bias_lr)] if split else [])]
     learn = Learner(dls, model, opt_func=opt_func, loss_func=loss, metrics=accuracy, wd=cfg.wd, path=path,
-                    model_dir='checkpoints', cbs=[GroupNormLikeBN(), StopOnNaN(), FloatLosses()])
+                    model_dir='checkpoints', cbs=cbs, **split)
     learn.recorder.train_metrics = True
     learn.to_channelslast(use_amp=device.type == 'cuda')  # channels_last is ~2x faster for these convs on CPU too
     return learn

@@ -203,7 +203,8 @@ def test_ema_validates_and_exports_the_average_of_the_weights(synth):
 
 
 @pytest.mark.parametrize('setting,other,was', [(dict(ema=0.9), dict(ema=0.), '--ema 0.9'),
-                                               (dict(lookahead=True), dict(lookahead=False), '--lookahead')])
+                                               (dict(lookahead=True), dict(lookahead=False), '--lookahead'),
+                                               (dict(bias_lr=4.), dict(bias_lr=1.), '--bias-lr 4')])
 def test_run_with_state_beside_the_weights_resumes_to_the_same_history(setting, other, was, synth, tmp_path,
                                                                         monkeypatch):
     from cifar_fa.callbacks import EpochCheckpoint
@@ -226,6 +227,23 @@ def test_run_with_state_beside_the_weights_resumes_to_the_same_history(setting, 
     assert resumed['test_accuracy'] == full['test_accuracy']
     with pytest.raises(RunError, match=f'was trained with {was};'):
         run(S8, RunConfig('s8', out=str(tmp_path / 'cut'), resume=True, **{**kw, **other}))
+
+
+def test_bias_lr_trains_the_norm_biases_alone_at_its_multiple_of_the_rate(synth):
+    from fastai.callback.core import Callback
+
+    class Rates(Callback):
+        def after_step(self): self.seen = [h['lr'] for h in self.opt.hypers]
+
+    cfg = RunConfig('s8', norm='gn', bias_lr=4., epochs=1, bs=16, workers=0, device='cpu', data=str(synth), subset=4)
+    learn, rates = build_learner(S8, cfg), Rates()
+    before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
+    learn.fit_one_cycle(1, 1e-2, cbs=rates)
+    biases = {id(m.bias) for m in learn.model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    fast = learn.opt.param_lists[0]
+    assert len(fast) == len(biases) > 0 and {id(p) for p in fast} == biases
+    assert rates.seen[0] == pytest.approx(4 * rates.seen[1]) and learn.recorder.lrs[-1] == rates.seen[1]
+    assert all(not torch.equal(p, before[n]) for n, p in learn.model.named_parameters())  # every group trained
 
 
 def test_nesterov_steps_as_torch_sgd_with_nesterov_and_l2():
@@ -397,7 +415,8 @@ def test_readme_table_from_run_folders(trained, tmp_path):
             '--label-smoothing 0` |') in text
     full = results_table([out], full_commands=True)
     assert ('`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 '
-            '--ema 0 --no-lookahead --dropout 0 --no-ws --act relu --no-whiten --size 32 --no-batch-augs --seed 42` |'
+            '--ema 0 --no-lookahead --dropout 0 --no-ws --act relu --no-whiten --size 32 --no-batch-augs --bias-lr 1 '
+            '--seed 42` |'
             ) in full
     # linked from the README's folder
     assert f'[{out.name}]({Path(os.path.relpath(out, tmp_path)).as_posix()}/)' in text
@@ -414,7 +433,7 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     spec = cfg['spec'].replace(':', ':2', 1)
     (trial / 'config.json').write_text(json.dumps({**cfg, 'spec': spec}))
     # a network trial is reproducible as is
-    assert f"--size 32 --no-batch-augs --seed 42 --spec '{spec}'`" in results_table([trial])
+    assert f"--size 32 --no-batch-augs --bias-lr 1 --seed 42 --spec '{spec}'`" in results_table([trial])
     (trial / 'config.json').write_text(json.dumps({**cfg, 'augs': cfg['augs'][:-1]}))
     assert "--seed 42` (AUGS not the recipe file's: see its config.json and train.log)" in results_table([trial])
     fig = comparison_figure([out], 'one run')
