@@ -34,7 +34,8 @@ def trained(synth, tmp_path_factory):
     """A short real training on the synthetic set, with its run folder."""
     # bn: per-sample norms erase the flat colours that tell these classes apart
     out = tmp_path_factory.mktemp('run') / 's8_bn'
-    cfg = RunConfig('s8', norm='bn', epochs=4, bs=16, lr=1e-2, workers=0, device='cpu', data=str(synth), out=str(out))
+    # lr 3e-3: 70-80 % test accuracy with 1 to 4 threads; at 1e-2 one thread count ended at 42.5 %
+    cfg = RunConfig('s8', norm='bn', epochs=4, bs=16, lr=3e-3, workers=0, device='cpu', data=str(synth), out=str(out))
     return run(replace(S8, tta=True), cfg), out
 
 
@@ -113,14 +114,22 @@ def test_export_roundtrip_in_fresh_process(trained, synth):
     assert label == live[0] and abs(float(conf) - float(live[2].max())) < 1e-5 and label in CLASSES
 
 
-def test_flip_tta_blends_plain_and_mirrored_predictions(trained, synth):
+def test_flip_tta_blends_plain_and_mirrored_predictions(synth):
     from cifar_fa.interpret import flip_tta
-    _, out = trained
+
+    class LeftMinusRight(nn.Module):
+        """Logits from the left half's mean colour minus the right half's: a mirror image negates what the head sees."""
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(3, 10)
+
+        def forward(self, x): return self.head(x[..., :16].mean((2, 3)) - x[..., 16:].mean((2, 3)))
+
     learn = build_learner(S8, RunConfig('s8', norm='bn', bs=16, workers=0, device='cpu', data=str(synth)))
-    learn.load((out / 'model').resolve())
     torch.manual_seed(0)
-    # so that mirrored images get clearly other predictions; much more noise saturates the softmax (one-hot both ways)
-    for w in learn.model.parameters(): w.data += 0.2 * torch.randn_like(w)
+    learn.model = LeftMinusRight()
+    # the halves of these noisy flat colours differ by a few hundredths: large weights make that a clear preference
+    nn.init.normal_(learn.model.head.weight, std=30.)
     probs, targs = flip_tta(learn)
     plain, plain_targs = learn.get_preds()
     learn.model.eval()
@@ -393,7 +402,7 @@ def test_a_run_older_than_a_setting_was_trained_at_the_settings_default(trained,
     (old / 'config.json').write_text(json.dumps(cfg))
     full = results_table([old], full_commands=True)
     assert '--ema 0 --no-lookahead --dropout 0' in full and '--no-whiten' in full
-    kw = dict(norm='bn', epochs=4, bs=16, lr=1e-2, workers=0, device='cpu', data=str(synth), out=str(old), resume=True)
+    kw = dict(norm='bn', epochs=4, bs=16, lr=3e-3, workers=0, device='cpu', data=str(synth), out=str(old), resume=True)
     with pytest.raises(RunError, match='was trained with --no-whiten;'): run(S8, RunConfig('s8', whiten=True, **kw))
 
 
@@ -411,10 +420,10 @@ def test_readme_table_from_run_folders(trained, tmp_path):
     assert '| data |' in text and (
         f"` | other data ({json.loads((out / 'metrics.json').read_text())['data_fingerprint']['train'][:8]}) |" in text)
     # the README's commands name what differs from the recipe's defaults; --full-commands spells out every setting
-    assert ('`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 '
+    assert ('`recipes/s8_norms.py --norm bn --opt adam --lr 0.003 --wd 0.01 --bs 16 --epochs 4 '
             '--label-smoothing 0` |') in text
     full = results_table([out], full_commands=True)
-    assert ('`recipes/s8_norms.py --norm bn --opt adam --lr 0.01 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 '
+    assert ('`recipes/s8_norms.py --norm bn --opt adam --lr 0.003 --wd 0.01 --bs 16 --epochs 4 --label-smoothing 0 '
             '--ema 0 --no-lookahead --dropout 0 --no-ws --act relu --no-whiten --size 32 --no-batch-augs --bias-lr 1 '
             '--seed 42` |'
             ) in full
