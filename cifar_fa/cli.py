@@ -76,7 +76,8 @@ def parser(recipe: Recipe, given_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--bs', type=positive(int), default=d['bs'], help='batch size')
     p.add_argument('--opt', choices=list(OPTIMIZERS), default=d['opt'], help='optimizer')
     p.add_argument('--lr', type=_lr, default=d['lr'], help="max learning rate of the one cycle, or 'find'")
-    p.add_argument('--wd', type=non_negative(float), default=d['wd'], help='weight decay (adam: decoupled; sgd: L2)')
+    p.add_argument('--wd', type=non_negative(float), default=d['wd'],
+                   help='weight decay (adam: decoupled; sgd, nesterov: L2)')
     p.add_argument('--dropout', type=_fraction, default=d['dropout'],
                    help='channel dropout (Dropout2d) after every conv block')
     p.add_argument('--ws', action=argparse.BooleanOptionalAction, default=d['ws'],

@@ -47,7 +47,7 @@ class RunConfig:
     bs: int = 128
     opt: str = 'adam'  # a key of OPTIMIZERS: adam, sgd (momentum, L2) or nesterov (Nesterov's momentum, L2)
     lr: float | str = 1e-2  # max learning rate of the one cycle, or 'find' for lr_find's valley
-    wd: float = 1e-2  # adam: decoupled (AdamW); sgd: L2 as in torch.optim.SGD; none on norm weights and biases
+    wd: float = 1e-2  # adam: decoupled (AdamW); sgd, nesterov: L2 as torch.optim.SGD; none on norm weights and biases
     dropout: float = 0.
     ws: bool = False  # weight-standardized convs
     act: str = 'relu'  # a key of ACTIVATIONS: the nonlinearity after every norm
